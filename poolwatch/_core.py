@@ -1,0 +1,501 @@
+"""The pure core: what one watched client's pools are doing, counted exactly.
+
+No I/O, no httpx, no awaits: the sync and async shells (``_shells.py``) call these methods at
+the moments a request passes through the pool, with a clock reading, and the exporters read
+``PoolCore.snapshot()`` at scrape time. Everything that can wait until a scrape does.
+
+A request's life, and the method that marks each step::
+
+    start() ─ pending ─ acquire() ─ [connect, TLS: on_trace_event()] ─ call_exit() ─ finish()
+                 ▲          │                                        (headers)    (closed,
+                 └─ requeue()  (httpcore handed the connection to another request)  failed or
+                                                                                   leaked())
+
+Every method takes the core's lock: the sync client calls them from many threads, and an
+uncontended lock costs far less than one request's bookkeeping.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from ._catalogue import (
+    CONNECT_TIME,
+    CONNECTION_DURATION,
+    REQUEST_DURATION,
+    TIME_IN_QUEUE,
+    TIME_TO_FIRST_BYTE,
+    TLS_TIME,
+)
+from ._histogram import Histogram, HistogramSnapshot
+
+Clock = Callable[[], float]
+"""Seconds from an arbitrary origin, monotonic (``time.perf_counter`` by default)."""
+
+OriginKey = tuple[bytes, bytes, int | None]
+"""(scheme, host, port) as httpcore's URL holds them; port ``None`` means the default."""
+
+#: Series label used once a pool has seen more origins than ``max_origins``.
+OVERFLOW_ADDRESS = "_other"
+
+_DEFAULT_PORTS = {b"http": 80, b"https": 443, b"ws": 80, b"wss": 443}
+
+
+class OriginStats:
+    """Counters and histograms for one (scheme, host, port) of one pool."""
+
+    __slots__ = (
+        "active_requests",
+        "address",
+        "connect_time",
+        "connection_duration",
+        "connections_created",
+        "errors",
+        "port",
+        "request_duration",
+        "requests_new",
+        "requests_reused",
+        "scheme",
+        "time_in_queue",
+        "timeouts",
+        "tls_time",
+        "ttfb",
+    )
+
+    def __init__(self, scheme: str, address: str, port: int) -> None:
+        self.scheme = scheme
+        self.address = address
+        self.port = port
+        self.active_requests = 0
+        self.requests_new = 0
+        self.requests_reused = 0
+        self.connections_created = 0
+        self.timeouts = 0
+        self.errors: dict[str, int] = {}
+        self.time_in_queue = Histogram(TIME_IN_QUEUE.buckets)
+        self.connection_duration = Histogram(CONNECTION_DURATION.buckets)
+        self.connect_time = Histogram(CONNECT_TIME.buckets)
+        self.tls_time = Histogram(TLS_TIME.buckets)
+        self.ttfb = Histogram(TIME_TO_FIRST_BYTE.buckets)
+        self.request_duration = Histogram(REQUEST_DURATION.buckets)
+
+
+class ConnRecord:
+    """What poolwatch knows of one pooled connection (the connection object is httpcore's)."""
+
+    __slots__ = ("closed", "connected", "http_version", "inflight", "maybe_h2", "origin", "t_open")
+
+    def __init__(self, origin: OriginStats, *, maybe_h2: bool, connected: bool = False) -> None:
+        self.origin = origin
+        #: The TCP connection is up (set by the request whose trace saw the connect complete).
+        self.connected = connected
+        #: Could negotiate HTTP/2, so stream-slot waits may hide inside the connection call.
+        self.maybe_h2 = maybe_h2
+        #: Requests holding this connection now (HTTP/2: open streams, plus those connecting).
+        self.inflight = 0
+        #: "1.1" or "2" once a response told.
+        self.http_version: str | None = None
+        self.t_open: float | None = None
+        self.closed = False
+
+
+class RequestRecord:
+    """One request's passage through the pool, with the times of each step."""
+
+    __slots__ = (
+        "conn",
+        "connect_time",
+        "done",
+        "error_type",
+        "extra",
+        "http_version",
+        "leak_ref",
+        "opened",
+        "origin",
+        "pending",
+        "status",
+        "t_connect_start",
+        "t_headers",
+        "t_queue_end",
+        "t_ready",
+        "t_start",
+        "t_tls_start",
+        "tls_time",
+    )
+
+    def __init__(self, origin: OriginStats, t_start: float) -> None:
+        self.origin = origin
+        self.t_start = t_start
+        self.pending = True
+        self.done = False
+        self.conn: ConnRecord | None = None
+        #: This request's own connect opened the connection it ran on.
+        self.opened = False
+        self.t_queue_end: float | None = None
+        self.t_connect_start: float | None = None
+        self.t_tls_start: float | None = None
+        self.connect_time: float | None = None
+        self.tls_time: float | None = None
+        #: When the connection was ready to send on (after connect and TLS, or at acquire).
+        self.t_ready: float | None = None
+        self.t_headers: float | None = None
+        self.status: int | None = None
+        self.http_version: str | None = None
+        self.error_type: str | None = None
+        self.leak_ref: object = None
+        #: Exporters' per-request state (an OTel span), opaque to the core.
+        self.extra: object = None
+
+    @property
+    def reused(self) -> bool | None:
+        """Whether the connection already existed; ``None`` before one was obtained."""
+        if self.opened:
+            return False
+        if self.conn is not None and self.conn.connected:
+            return True
+        return None
+
+    @property
+    def queue_time(self) -> float | None:
+        if self.t_queue_end is None:
+            return None
+        return self.t_queue_end - self.t_start
+
+
+@dataclass(frozen=True, slots=True)
+class OriginSnapshot:
+    """Per-origin figures at one instant."""
+
+    scheme: str
+    address: str
+    port: int
+    active_requests: int
+    requests_new: int
+    requests_reused: int
+    connections_created: int
+    timeouts: int
+    errors: dict[str, int]
+    time_in_queue: HistogramSnapshot
+    connection_duration: HistogramSnapshot
+    connect_time: HistogramSnapshot
+    tls_time: HistogramSnapshot
+    time_to_first_byte: HistogramSnapshot
+    request_duration: HistogramSnapshot
+
+
+@dataclass(frozen=True, slots=True)
+class CoreSnapshot:
+    """The core's own counters at one instant (the shells add the pools' connection state)."""
+
+    pending_requests: int
+    active_requests: int
+    leaked_responses: int
+    pending_max_age: float
+    active_max_age: float
+    origins: tuple[OriginSnapshot, ...]
+
+
+class PoolCore:
+    """Exact bookkeeping for the pools of one watched client."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        clock: Clock = time.perf_counter,
+        max_origins: int = 50,
+        on_origin_overflow: Callable[[PoolCore], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.clock = clock
+        self.max_origins = max_origins
+        self._on_origin_overflow = on_origin_overflow
+        self._lock = threading.Lock()
+        self.pending = 0
+        self.active = 0
+        self.leaked_count = 0
+        self._origins: dict[OriginKey, OriginStats] = {}
+        self._overflow: OriginStats | None = None
+        self._inflight: dict[int, RequestRecord] = {}
+        #: Connections by ``id()``; the shells drop entries when a connection closes.
+        self.conns: dict[int, ConnRecord] = {}
+
+    # -- origins ---------------------------------------------------------------------------
+
+    def origin(self, key: OriginKey) -> OriginStats:
+        """The stats for an origin, created on first use; bounded by ``max_origins``."""
+        stats = self._origins.get(key)
+        if stats is not None:
+            return stats
+        with self._lock:
+            stats = self._origins.get(key)
+            if stats is not None:
+                return stats
+            if len(self._origins) >= self.max_origins:
+                overflow = self._overflow
+                if overflow is None:
+                    overflow = self._overflow = OriginStats("", OVERFLOW_ADDRESS, 0)
+                    if self._on_origin_overflow is not None:
+                        self._on_origin_overflow(self)
+                return overflow
+            scheme, host, port = key
+            if port is None:
+                port = _DEFAULT_PORTS.get(scheme, 0)
+            stats = OriginStats(scheme.decode("ascii"), host.decode("ascii"), port)
+            self._origins[key] = stats
+            return stats
+
+    # -- a request's steps -----------------------------------------------------------------
+
+    def start(self, origin: OriginStats, *, pending: bool = True) -> RequestRecord:
+        """A request entered the pool; it waits for a connection until ``acquire()``.
+
+        ``pending=False`` is for transports without a pool: nothing to wait for.
+        """
+        rec = RequestRecord(origin, self.clock())
+        with self._lock:
+            if pending:
+                self.pending += 1
+            else:
+                rec.pending = False
+                rec.t_queue_end = rec.t_ready = rec.t_start
+            self.active += 1
+            origin.active_requests += 1
+            self._inflight[id(rec)] = rec
+        return rec
+
+    def acquire(self, rec: RequestRecord, conn: ConnRecord, *, end_queue: bool) -> None:
+        """The pool handed ``conn`` to the request (it may still be connecting).
+
+        With ``end_queue=False`` the wait goes on until the first trace event: on a connection
+        that may speak HTTP/2 the request can still wait for the connect of another request
+        or for a stream slot inside the connection.
+        """
+        now = self.clock()
+        with self._lock:
+            rec.conn = conn
+            conn.inflight += 1
+            if end_queue and rec.pending:
+                rec.pending = False
+                self.pending -= 1
+                rec.t_queue_end = now
+                if conn.connected:
+                    rec.t_ready = now
+
+    def requeue(self, rec: RequestRecord) -> None:
+        """httpcore gave the connection to another request first; back to the queue."""
+        with self._lock:
+            conn = rec.conn
+            if conn is not None:
+                conn.inflight -= 1
+                rec.conn = None
+            if not rec.pending and not rec.done:
+                rec.pending = True
+                self.pending += 1
+            rec.t_queue_end = None
+            rec.t_ready = None
+
+    def on_trace_event(self, rec: RequestRecord, name: str) -> None:
+        """An httpcore trace event of a traced request (new connections, and HTTP/2)."""
+        now = self.clock()
+        with self._lock:
+            if rec.pending and not rec.done:
+                rec.pending = False
+                self.pending -= 1
+                rec.t_queue_end = now
+            step = _TRACE_STEPS.get(name.rpartition(".")[0].rpartition(".")[2])
+            if step is None:
+                if rec.t_ready is None and rec.conn is not None and rec.conn.connected:
+                    rec.t_ready = now
+                return
+            phase = name.rpartition(".")[2]
+            if step == _CONNECT:
+                if phase == "started":
+                    rec.t_connect_start = now
+                elif phase == "complete":
+                    if rec.t_connect_start is not None:
+                        rec.connect_time = now - rec.t_connect_start
+                    rec.opened = True
+                    rec.t_ready = now
+                    conn = rec.conn
+                    if conn is not None and not conn.connected:
+                        conn.connected = True
+                        conn.t_open = now
+                    rec.origin.connections_created += 1
+            elif step == _TLS:
+                if phase == "started":
+                    rec.t_tls_start = now
+                elif phase == "complete":
+                    if rec.t_tls_start is not None:
+                        rec.tls_time = (rec.tls_time or 0.0) + (now - rec.t_tls_start)
+                    rec.t_ready = now
+
+    def call_exit(
+        self,
+        rec: RequestRecord,
+        *,
+        status: int | None = None,
+        http_version: str | None = None,
+        failed: bool = False,
+    ) -> None:
+        """The connection call returned response headers, or failed after acquire."""
+        now = self.clock()
+        with self._lock:
+            conn = rec.conn
+            if rec.pending and not rec.done and not failed:
+                # A traced request that saw no event at all (cannot happen with httpcore's
+                # events, but a foreign connection class might emit none): it waited until now.
+                rec.pending = False
+                self.pending -= 1
+                rec.t_queue_end = now
+            reused = rec.reused
+            if reused is not None:
+                if reused:
+                    rec.origin.requests_reused += 1
+                else:
+                    rec.origin.requests_new += 1
+            if not failed:
+                rec.t_headers = now
+                rec.status = status
+                if http_version is not None:
+                    rec.http_version = http_version
+                    if conn is not None and conn.http_version is None:
+                        conn.http_version = http_version
+                        if http_version != "2":
+                            conn.maybe_h2 = False
+
+    def finish(
+        self,
+        rec: RequestRecord,
+        *,
+        error_type: str | None = None,
+        pool_timeout: bool = False,
+    ) -> bool:
+        """The request is over: response closed, or an exception left the pool.
+
+        Returns False when it was already finished (finishing is idempotent).
+        """
+        now = self.clock()
+        with self._lock:
+            if rec.done:
+                return False
+            rec.done = True
+            self._inflight.pop(id(rec), None)
+            origin = rec.origin
+            if rec.pending:
+                rec.pending = False
+                self.pending -= 1
+                # It never got a connection: the whole wait counts (PoolTimeout, cancelled).
+                origin.time_in_queue.observe(now - rec.t_start)
+            elif rec.t_queue_end is not None:
+                origin.time_in_queue.observe(rec.t_queue_end - rec.t_start)
+            self.active -= 1
+            origin.active_requests -= 1
+            conn = rec.conn
+            if conn is not None and rec.leak_ref is not _LEAKED:
+                conn.inflight -= 1
+            if rec.connect_time is not None:
+                origin.connect_time.observe(rec.connect_time)
+            if rec.tls_time is not None:
+                origin.tls_time.observe(rec.tls_time)
+            if rec.t_headers is not None and rec.t_ready is not None:
+                origin.ttfb.observe(rec.t_headers - rec.t_ready)
+            origin.request_duration.observe(now - rec.t_start)
+            if error_type is not None:
+                rec.error_type = error_type
+                origin.errors[error_type] = origin.errors.get(error_type, 0) + 1
+            if pool_timeout:
+                origin.timeouts += 1
+            return True
+
+    def leaked(self, rec: RequestRecord) -> None:
+        """The response was garbage-collected without being closed.
+
+        The request is over for the application, so it leaves the active count, but httpcore
+        never gets the connection back: it stays counted as held (active).
+        """
+        with self._lock:
+            if rec.done:
+                return
+            rec.leak_ref = _LEAKED
+            self.leaked_count += 1
+        self.finish(rec)
+
+    # -- connections -----------------------------------------------------------------------
+
+    def connection_closed(self, conn: ConnRecord, key: int) -> None:
+        """A connection left the pool (closed by the pool, the server, or an error)."""
+        now = self.clock()
+        with self._lock:
+            self.conns.pop(key, None)
+            if conn.closed:
+                return
+            conn.closed = True
+            if conn.t_open is not None:
+                conn.origin.connection_duration.observe(now - conn.t_open)
+
+    def forget_connections(self, live: Iterable[int]) -> None:
+        """Close the records of connections that left the pool without poolwatch seeing it."""
+        alive = set(live)
+        for key, conn in list(self.conns.items()):
+            if key not in alive:
+                self.connection_closed(conn, key)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def snapshot(self) -> CoreSnapshot:
+        now = self.clock()
+        with self._lock:
+            pending_age = 0.0
+            active_age = 0.0
+            for rec in self._inflight.values():
+                age = now - rec.t_start
+                active_age = max(active_age, age)
+                if rec.pending:
+                    pending_age = max(pending_age, age)
+            origins = list(self._origins.values())
+            if self._overflow is not None:
+                origins.append(self._overflow)
+            return CoreSnapshot(
+                pending_requests=self.pending,
+                active_requests=self.active,
+                leaked_responses=self.leaked_count,
+                pending_max_age=pending_age,
+                active_max_age=active_age,
+                origins=tuple(_snapshot_origin(o) for o in origins),
+            )
+
+
+def _snapshot_origin(o: OriginStats) -> OriginSnapshot:
+    return OriginSnapshot(
+        scheme=o.scheme,
+        address=o.address,
+        port=o.port,
+        active_requests=o.active_requests,
+        requests_new=o.requests_new,
+        requests_reused=o.requests_reused,
+        connections_created=o.connections_created,
+        timeouts=o.timeouts,
+        errors=dict(o.errors),
+        time_in_queue=o.time_in_queue.snapshot(),
+        connection_duration=o.connection_duration.snapshot(),
+        connect_time=o.connect_time.snapshot(),
+        tls_time=o.tls_time.snapshot(),
+        time_to_first_byte=o.ttfb.snapshot(),
+        request_duration=o.request_duration.snapshot(),
+    )
+
+
+_LEAKED = object()
+_CONNECT = 1
+_TLS = 2
+#: httpcore trace steps that matter, by their middle name ("connection.connect_tcp.started").
+#: SOCKS and proxy connections emit the same steps under another prefix.
+_TRACE_STEPS = {
+    "connect_tcp": _CONNECT,
+    "connect_unix_socket": _CONNECT,
+    "start_tls": _TLS,
+}

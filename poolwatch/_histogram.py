@@ -1,0 +1,65 @@
+"""A fixed-bucket histogram: one ``bisect`` and two additions per observation."""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from dataclasses import dataclass
+
+
+class Histogram:
+    """Cumulative-at-read histogram with upper-inclusive bounds (Prometheus ``le`` semantics).
+
+    Not thread-safe by itself: the pool core updates it under its own lock.
+    """
+
+    __slots__ = ("bounds", "count", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last slot is +Inf
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.count += 1
+        self.sum += value
+
+    def snapshot(self) -> HistogramSnapshot:
+        return HistogramSnapshot(self.bounds, tuple(self.counts), self.count, self.sum)
+
+
+@dataclass(frozen=True, slots=True)
+class HistogramSnapshot:
+    """A histogram's state at one instant. ``counts`` are per bucket, not cumulative."""
+
+    bounds: tuple[float, ...]
+    counts: tuple[int, ...]
+    count: int
+    sum: float
+
+    def cumulative(self) -> list[int]:
+        """Counts per bound, cumulative, with +Inf last (what Prometheus exposes)."""
+        out: list[int] = []
+        running = 0
+        for c in self.counts:
+            running += c
+            out.append(running)
+        return out
+
+    def quantile(self, q: float) -> float | None:
+        """Estimate the q-quantile by linear interpolation inside the bucket (as PromQL does)."""
+        if self.count == 0:
+            return None
+        rank = q * self.count
+        running = 0
+        lower = 0.0
+        for i, c in enumerate(self.counts):
+            upper = self.bounds[i] if i < len(self.bounds) else float("inf")
+            if running + c >= rank and c > 0:
+                if upper == float("inf"):
+                    return lower
+                return lower + (upper - lower) * ((rank - running) / c)
+            running += c
+            lower = upper
+        return lower

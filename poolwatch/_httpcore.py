@@ -1,0 +1,237 @@
+"""The one module that knows the shape of httpx / httpcore and httpx2 / httpcore2.
+
+Everything private poolwatch touches is read or patched here, feature-detected rather than
+version-checked, so that an upgrade that moves something degrades one figure instead of
+breaking the host:
+
+==========================================  ==========================================
+what                                        used for
+==========================================  ==========================================
+``client._transport``, ``client._mounts``   finding every pool of a client
+``transport._pool``                         the httpcore pool behind a default transport
+``pool._max_connections``                   the limit (``sys.maxsize`` means unlimited)
+``pool._http1``, ``pool._http2``            whether a connection may speak HTTP/2
+``pool.create_connection``                  the factory httpcore made for overriding
+``pool.connections``, ``conn.is_closed()``  public: connection state at scrape time
+``conn._origin``                            the origin of connections opened before
+                                            poolwatch was installed
+==========================================  ==========================================
+
+Patches are instance attributes only (never a class), so ``uninstrument()`` deletes them and
+other instances of the same class are untouched.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+#: The libraries poolwatch knows, by the top-level package of their classes.
+_FAMILIES = {
+    "httpx": ("httpx", "httpcore"),
+    "httpcore": ("httpx", "httpcore"),
+    "httpx2": ("httpx2", "httpcore2"),
+    "httpcore2": ("httpx2", "httpcore2"),
+}
+
+#: Attribute names under which wrapping transports keep the transport they wrap.
+_WRAPPED_TRANSPORT_ATTRS = ("_transport", "transport", "_wrapped", "__wrapped__", "_inner", "inner")
+#: Attribute names under which SDK clients keep their HTTP client.
+_SDK_CLIENT_ATTRS = ("_client", "http_client", "client", "_http_client")
+
+
+@dataclass(frozen=True, slots=True)
+class Flavour:
+    """One HTTP client family: httpx with httpcore, or httpx2 with httpcore2."""
+
+    name: str
+    httpx: ModuleType
+    httpcore: ModuleType
+
+    @property
+    def connection_not_available(self) -> type[BaseException]:
+        return self.httpcore.ConnectionNotAvailable  # type: ignore[no-any-return]
+
+    @property
+    def pool_timeouts(self) -> tuple[type[BaseException], ...]:
+        return (self.httpcore.PoolTimeout, self.httpx.PoolTimeout)
+
+    def is_async_client(self, obj: object) -> bool:
+        return isinstance(obj, self.httpx.AsyncClient)
+
+    def is_client(self, obj: object) -> bool:
+        return isinstance(obj, self.httpx.AsyncClient | self.httpx.Client)
+
+    def is_pool(self, obj: object) -> bool:
+        core = self.httpcore
+        return isinstance(obj, core.AsyncConnectionPool | core.ConnectionPool)
+
+    def owns_exception(self, exc: BaseException) -> bool:
+        module = type(exc).__module__
+        return module.startswith((self.httpx.__name__ + ".", self.httpcore.__name__ + "."))
+
+
+_flavours: dict[str, Flavour] = {}
+
+
+def _flavour_named(family: tuple[str, str]) -> Flavour | None:
+    httpx_name, httpcore_name = family
+    cached = _flavours.get(httpx_name)
+    if cached is not None:
+        return cached
+    try:
+        flavour = Flavour(
+            httpx_name,
+            importlib.import_module(httpx_name),
+            importlib.import_module(httpcore_name),
+        )
+    except ImportError:
+        return None
+    _flavours[httpx_name] = flavour
+    return flavour
+
+
+def flavour_of(obj: object) -> Flavour | None:
+    """The client family ``obj``'s class comes from (its own class or a base class)."""
+    for cls in type(obj).__mro__:
+        family = _FAMILIES.get(cls.__module__.partition(".")[0])
+        if family is not None:
+            return _flavour_named(family)
+    return None
+
+
+def find_client(obj: object) -> tuple[Any, Flavour]:
+    """The httpx / httpx2 client ``obj`` is, or holds (SDK clients keep it as ``_client``).
+
+    Raises:
+        TypeError: nothing poolwatch can watch was found.
+    """
+    candidates = [obj]
+    candidates += [getattr(obj, attr, None) for attr in _SDK_CLIENT_ATTRS]
+    for candidate in candidates:
+        if candidate is None:
+            continue
+        flavour = flavour_of(candidate)
+        if flavour is not None and flavour.is_client(candidate):
+            return candidate, flavour
+    raise TypeError(
+        "poolwatch.instrument() expects an httpx or httpx2 Client / AsyncClient, or an SDK "
+        "client that holds one (openai.OpenAI, openai.AsyncOpenAI, anthropic.Anthropic, "
+        f"anthropic.AsyncAnthropic); got {type(obj).__module__}.{type(obj).__qualname__}"
+    )
+
+
+def transports_of(client: Any) -> list[Any]:
+    """Every distinct transport the client routes requests to: default, mounts and proxies."""
+    found: dict[int, Any] = {}
+    transport = getattr(client, "_transport", None)
+    if transport is not None:
+        found[id(transport)] = transport
+    for mounted in (getattr(client, "_mounts", None) or {}).values():
+        if mounted is not None:
+            found.setdefault(id(mounted), mounted)
+    return list(found.values())
+
+
+def pool_of(transport: Any, flavour: Flavour) -> Any | None:
+    """The httpcore pool behind a transport, looking through wrapping transports."""
+    seen: set[int] = set()
+    current = transport
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        pool = getattr(current, "_pool", None)
+        if pool is not None and flavour.is_pool(pool):
+            return pool
+        current = next(
+            (
+                inner
+                for attr in _WRAPPED_TRANSPORT_ATTRS
+                if (inner := getattr(current, attr, None)) is not None and inner is not current
+            ),
+            None,
+        )
+    return None
+
+
+def is_async_pool(pool: Any, flavour: Flavour) -> bool:
+    return isinstance(pool, flavour.httpcore.AsyncConnectionPool)
+
+
+def max_connections(pool: Any) -> int | None:
+    limit = getattr(pool, "_max_connections", None)
+    if not isinstance(limit, int) or limit >= sys.maxsize:
+        return None
+    return limit
+
+
+def may_speak_http2(pool: Any, scheme: bytes) -> bool:
+    """Whether a new connection of this pool to ``scheme`` could end up on HTTP/2."""
+    http1 = getattr(pool, "_http1", True)
+    http2 = getattr(pool, "_http2", True)
+    return bool(http2) and (scheme in (b"https", b"wss") or not http1)
+
+
+def connections(pool: Any) -> list[Any]:
+    """A copy of the pool's connection list (httpcore's public ``connections`` property)."""
+    return list(pool.connections)
+
+
+def connection_origin_key(conn: Any) -> tuple[bytes, bytes, int | None] | None:
+    """(scheme, host, port) of a connection poolwatch did not see being created."""
+    origin = getattr(conn, "_origin", None) or getattr(conn, "_remote_origin", None)
+    if origin is None:
+        return None
+    return (origin.scheme, origin.host, origin.port)
+
+
+def connection_http_version(conn: Any) -> str | None:
+    """ "1.1" or "2" from the connection's public ``info()``, None while it connects."""
+    info = conn.info()
+    if "HTTP/2" in info:
+        return "2"
+    if "HTTP/1.1" in info:
+        return "1.1"
+    return None
+
+
+def is_connection_idle(conn: Any) -> bool:
+    return bool(conn.is_idle())
+
+
+def is_connection_closed(conn: Any) -> bool:
+    return bool(conn.is_closed())
+
+
+# -- instance patches ------------------------------------------------------------------------
+
+_ORIGINALS = "_poolwatch_originals"
+
+
+def patch(obj: Any, name: str, replacement: Any) -> Any:
+    """Set ``obj.name`` to ``replacement``; return what calls should go to.
+
+    That is the instance attribute another instrumentation (OpenTelemetry's ``wrapt``
+    wrapper, say) already put there, else ``None``, meaning "look the class up at call time",
+    so that a class-level patch made after poolwatch's still runs.
+    """
+    previous = obj.__dict__.get(name)
+    setattr(obj, name, replacement)
+    return previous
+
+
+def unpatch(obj: Any, name: str, previous: Any) -> None:
+    """Undo ``patch()``: restore the previous instance attribute, or remove ours."""
+    if previous is not None:
+        setattr(obj, name, previous)
+    else:
+        obj.__dict__.pop(name, None)
+
+
+def iter_pools(client: Any, flavour: Flavour) -> Iterator[tuple[Any, Any | None]]:
+    """(transport, pool or None) for every transport of the client."""
+    for transport in transports_of(client):
+        yield transport, pool_of(transport, flavour)

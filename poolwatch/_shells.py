@@ -1,0 +1,561 @@
+"""The thin sync and async shells: where a request meets the pure core.
+
+poolwatch sits at three places inside an httpcore pool, as instance attributes:
+
+``pool.handle_(async_)request``
+    the request enters (pending, active) and, on an exception, leaves.
+``pool.create_connection`` and each connection's ``handle_(async_)request``
+    the pool handed a connection to the request: the queue wait ends. A request that opens
+    a new connection (or may be waiting for an HTTP/2 stream slot) gets a trace callback for
+    that call only, which times connect and TLS; every other request runs without one.
+the connection-level response stream's ``aclose`` / ``close``
+    the connection is released: the request is over. httpcore calls it on every ending,
+    closed by the caller, fully read, or failed mid-body; a stream garbage-collected without
+    it is a leaked response.
+
+Each async function has a sync twin a few lines below it; the logic they share lives in the
+core and in the plain helpers here, so the twins differ only by ``await``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import sys
+import weakref
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from typing import Any
+
+from . import _httpcore
+from ._core import ConnRecord, OriginStats, PoolCore, RequestRecord
+from ._httpcore import Flavour
+from ._safety import report_internal_error
+
+#: The request the current task or thread is sending through a watched pool.
+_CURRENT: ContextVar[RequestRecord | None] = ContextVar("poolwatch_request", default=None)
+
+RequestHook = Callable[[RequestRecord], None]
+
+
+class Hooks:
+    """Exporter callbacks on a request's steps (spans). Empty unless an exporter asks."""
+
+    __slots__ = ("on_finish", "on_headers", "on_start")
+
+    def __init__(self) -> None:
+        self.on_start: RequestHook | None = None
+        self.on_headers: RequestHook | None = None
+        self.on_finish: RequestHook | None = None
+
+
+def error_type_of(exc: BaseException) -> str:
+    """``error.type`` for an exception: its class name, or ``cancelled``."""
+    if isinstance(exc, asyncio.CancelledError) or (
+        type(exc).__name__ == "Cancelled" and type(exc).__module__.startswith("trio")
+    ):
+        return "cancelled"
+    return type(exc).__name__
+
+
+def _call_hook(hook: RequestHook | None, rec: RequestRecord, site: str) -> None:
+    if hook is None:
+        return
+    try:
+        hook(rec)
+    except Exception as exc:
+        report_internal_error(site, exc)
+
+
+def _start(core: PoolCore, request: Any, hooks: Hooks) -> RequestRecord | None:
+    try:
+        url = request.url
+        rec = core.start(core.origin((url.scheme, url.host, url.port)))
+    except Exception as exc:
+        report_internal_error("request start", exc)
+        return None
+    _call_hook(hooks.on_start, rec, "request start hook")
+    return rec
+
+
+def _failed(
+    core: PoolCore, rec: RequestRecord, exc: BaseException, flavour: Flavour, hooks: Hooks
+) -> None:
+    try:
+        finished = core.finish(
+            rec,
+            error_type=error_type_of(exc),
+            pool_timeout=isinstance(exc, flavour.pool_timeouts),
+        )
+    except Exception as err:
+        report_internal_error("request failure bookkeeping", err)
+        return
+    if finished:
+        _call_hook(hooks.on_finish, rec, "request finish hook")
+
+
+# -- entering the pool --------------------------------------------------------------------
+
+
+def async_pool_entry(
+    core: PoolCore, pool: Any, previous: Any, flavour: Flavour, hooks: Hooks
+) -> Callable[[Any], Awaitable[Any]]:
+    """The replacement for ``pool.handle_async_request``."""
+    cls = type(pool)
+
+    async def handle_async_request(request: Any) -> Any:
+        rec = _start(core, request, hooks)
+        token = _CURRENT.set(rec)
+        try:
+            if previous is not None:
+                return await previous(request)
+            return await cls.handle_async_request(pool, request)
+        except BaseException as exc:
+            if rec is not None:
+                _failed(core, rec, exc, flavour, hooks)
+            raise
+        finally:
+            _CURRENT.reset(token)
+
+    return handle_async_request
+
+
+def sync_pool_entry(
+    core: PoolCore, pool: Any, previous: Any, flavour: Flavour, hooks: Hooks
+) -> Callable[[Any], Any]:
+    """The replacement for ``pool.handle_request``."""
+    cls = type(pool)
+
+    def handle_request(request: Any) -> Any:
+        rec = _start(core, request, hooks)
+        token = _CURRENT.set(rec)
+        try:
+            if previous is not None:
+                return previous(request)
+            return cls.handle_request(pool, request)
+        except BaseException as exc:
+            if rec is not None:
+                _failed(core, rec, exc, flavour, hooks)
+            raise
+        finally:
+            _CURRENT.reset(token)
+
+    return handle_request
+
+
+# -- connections --------------------------------------------------------------------------
+
+
+def detach_connection(conn: Any) -> None:
+    """Remove what ``watch_connection()`` attached to a connection."""
+    for name in ("handle_async_request", "handle_request", "aclose", "close"):
+        conn.__dict__.pop(name, None)
+
+
+def watch_connection(
+    core: PoolCore,
+    conn: Any,
+    origin: OriginStats,
+    *,
+    pool: Any,
+    scheme: bytes,
+    flavour: Flavour,
+    is_async: bool,
+    hooks: Hooks,
+    connected: bool = False,
+) -> None:
+    """Attach poolwatch to a connection the pool just created (or already had)."""
+    record = ConnRecord(
+        origin,
+        maybe_h2=_httpcore.may_speak_http2(pool, scheme),
+        connected=connected,
+    )
+    key = id(conn)
+    core.conns[key] = record
+    cna = flavour.connection_not_available
+    cls = type(conn)
+    if is_async:
+        conn.handle_async_request = _async_connection_call(
+            core, conn, cls, record, cna, flavour, hooks
+        )
+        conn.aclose = _async_connection_close(core, conn, cls, record, key)
+    else:
+        conn.handle_request = _sync_connection_call(core, conn, cls, record, cna, flavour, hooks)
+        conn.close = _sync_connection_close(core, conn, cls, record, key)
+
+
+def _enter_connection(
+    core: PoolCore, record: ConnRecord, request: Any, is_async: bool
+) -> tuple[RequestRecord | None, Any]:
+    """Bookkeeping as a request enters a connection; returns (rec, extensions to restore)."""
+    rec = _CURRENT.get()
+    if rec is None or rec.done:
+        return None, None
+    traced = record.maybe_h2 or not record.connected
+    try:
+        core.acquire(rec, record, end_queue=not record.maybe_h2)
+        if not traced:
+            return rec, None
+        saved = request.extensions
+        user_trace = saved.get("trace")
+        request.extensions = {
+            **saved,
+            "trace": (_async_trace if is_async else _sync_trace)(core, rec, user_trace),
+        }
+    except Exception as exc:
+        report_internal_error("connection acquire", exc)
+        return rec, None
+    return rec, saved
+
+
+def _after_connection_call(
+    core: PoolCore, rec: RequestRecord, conn: Any, record: ConnRecord, response: Any
+) -> bool:
+    """Headers arrived. Returns whether the response stream could be watched."""
+    try:
+        http_version = record.http_version
+        if http_version is None:
+            raw = response.extensions.get("http_version", b"")
+            http_version = "2" if raw == b"HTTP/2" else "1.1" if raw else None
+        core.call_exit(rec, status=response.status, http_version=http_version)
+    except Exception as exc:
+        report_internal_error("response headers bookkeeping", exc)
+    return True
+
+
+def _connection_call_failed(
+    core: PoolCore, rec: RequestRecord, conn: Any, record: ConnRecord, key: int
+) -> None:
+    try:
+        core.call_exit(rec, failed=True)
+        if _httpcore.is_connection_closed(conn) or not record.connected:
+            core.connection_closed(record, key)
+    except Exception as exc:
+        report_internal_error("connection failure bookkeeping", exc)
+
+
+def _async_connection_call(
+    core: PoolCore,
+    conn: Any,
+    cls: type,
+    record: ConnRecord,
+    cna: type[BaseException],
+    flavour: Flavour,
+    hooks: Hooks,
+) -> Callable[[Any], Awaitable[Any]]:
+    key = id(conn)
+
+    async def handle_async_request(request: Any) -> Any:
+        rec, saved = _enter_connection(core, record, request, is_async=True)
+        if rec is None:
+            return await cls.handle_async_request(conn, request)  # type: ignore[attr-defined]
+        try:
+            response = await cls.handle_async_request(conn, request)  # type: ignore[attr-defined]
+        except cna:
+            core.requeue(rec)
+            raise
+        except BaseException:
+            _connection_call_failed(core, rec, conn, record, key)
+            raise
+        finally:
+            if saved is not None:
+                request.extensions = saved
+        _after_connection_call(core, rec, conn, record, response)
+        _call_hook(hooks.on_headers, rec, "response headers hook")
+        _watch_async_stream(core, rec, conn, record, key, response, flavour, hooks)
+        return response
+
+    return handle_async_request
+
+
+def _sync_connection_call(
+    core: PoolCore,
+    conn: Any,
+    cls: type,
+    record: ConnRecord,
+    cna: type[BaseException],
+    flavour: Flavour,
+    hooks: Hooks,
+) -> Callable[[Any], Any]:
+    key = id(conn)
+
+    def handle_request(request: Any) -> Any:
+        rec, saved = _enter_connection(core, record, request, is_async=False)
+        if rec is None:
+            return cls.handle_request(conn, request)  # type: ignore[attr-defined]
+        try:
+            response = cls.handle_request(conn, request)  # type: ignore[attr-defined]
+        except cna:
+            core.requeue(rec)
+            raise
+        except BaseException:
+            _connection_call_failed(core, rec, conn, record, key)
+            raise
+        finally:
+            if saved is not None:
+                request.extensions = saved
+        _after_connection_call(core, rec, conn, record, response)
+        _call_hook(hooks.on_headers, rec, "response headers hook")
+        _watch_sync_stream(core, rec, conn, record, key, response, flavour, hooks)
+        return response
+
+    return handle_request
+
+
+def _async_connection_close(
+    core: PoolCore, conn: Any, cls: type, record: ConnRecord, key: int
+) -> Callable[[], Awaitable[None]]:
+    async def aclose() -> None:
+        try:
+            await cls.aclose(conn)  # type: ignore[attr-defined]
+        finally:
+            _closed(core, record, key)
+
+    return aclose
+
+
+def _sync_connection_close(
+    core: PoolCore, conn: Any, cls: type, record: ConnRecord, key: int
+) -> Callable[[], None]:
+    def close() -> None:
+        try:
+            cls.close(conn)  # type: ignore[attr-defined]
+        finally:
+            _closed(core, record, key)
+
+    return close
+
+
+def _closed(core: PoolCore, record: ConnRecord, key: int) -> None:
+    try:
+        core.connection_closed(record, key)
+    except Exception as exc:
+        report_internal_error("connection close bookkeeping", exc)
+
+
+# -- trace callbacks (new connections and HTTP/2 only) ------------------------------------
+
+_ASYNC_TRACE_TYPE_ERROR = (
+    "If you're using an asynchronous interface, the callback of the `trace` extension should "
+    "be an asynchronous function rather than a normal function."
+)
+
+
+def _on_event(core: PoolCore, rec: RequestRecord, name: str) -> None:
+    try:
+        core.on_trace_event(rec, name)
+    except Exception as exc:
+        report_internal_error("trace callback", exc)
+
+
+def _async_trace(
+    core: PoolCore, rec: RequestRecord, user_trace: Any
+) -> Callable[[str, dict[str, Any]], Awaitable[None]]:
+    async def trace(name: str, info: dict[str, Any]) -> None:
+        _on_event(core, rec, name)
+        if user_trace is not None:
+            coro = user_trace(name, info)
+            if not inspect.iscoroutine(coro):
+                raise TypeError(_ASYNC_TRACE_TYPE_ERROR)
+            await coro
+
+    return trace
+
+
+def _sync_trace(
+    core: PoolCore, rec: RequestRecord, user_trace: Any
+) -> Callable[[str, dict[str, Any]], None]:
+    def trace(name: str, info: dict[str, Any]) -> None:
+        _on_event(core, rec, name)
+        if user_trace is not None:
+            user_trace(name, info)
+
+    return trace
+
+
+# -- the end of a request: the connection-level stream closes -----------------------------
+
+
+def _stream_closed(
+    core: PoolCore,
+    rec: RequestRecord,
+    conn: Any,
+    record: ConnRecord | None,
+    key: int,
+    flavour: Flavour,
+    hooks: Hooks,
+) -> None:
+    """The response stream closed; an exception being handled means it failed mid-body."""
+    try:
+        exc = sys.exc_info()[1]
+        error_type = None
+        if exc is not None and (flavour.owns_exception(exc) or error_type_of(exc) == "cancelled"):
+            error_type = error_type_of(exc)
+        finished = core.finish(rec, error_type=error_type)
+        if record is not None and _httpcore.is_connection_closed(conn):
+            core.connection_closed(record, key)
+    except Exception as err:
+        report_internal_error("response close bookkeeping", err)
+        return
+    if finished:
+        _call_hook(hooks.on_finish, rec, "request finish hook")
+
+
+def _leak_detector(
+    core: PoolCore, rec: RequestRecord, hooks: Hooks
+) -> Callable[[weakref.ref[Any]], None]:
+    def on_collected(_: weakref.ref[Any]) -> None:
+        try:
+            if rec.done:
+                return
+            core.leaked(rec)
+        except Exception as exc:
+            report_internal_error("leak detection", exc)
+            return
+        _call_hook(hooks.on_finish, rec, "request finish hook")
+
+    return on_collected
+
+
+def _watch_async_stream(
+    core: PoolCore,
+    rec: RequestRecord,
+    conn: Any,
+    record: ConnRecord | None,
+    key: int,
+    response: Any,
+    flavour: Flavour,
+    hooks: Hooks,
+) -> None:
+    stream = response.stream
+    try:
+        inner_bound = stream.__dict__.get("aclose")
+        inner = inner_bound or getattr(type(stream), "aclose", None)
+        if inner is None:
+            raise TypeError(f"{type(stream).__qualname__} has no aclose()")
+
+        async def aclose() -> None:
+            try:
+                if inner_bound is not None:
+                    await inner_bound()
+                else:
+                    await inner(stream)
+            finally:
+                _stream_closed(core, rec, conn, record, key, flavour, hooks)
+
+        stream.aclose = aclose
+        rec.leak_ref = weakref.ref(stream, _leak_detector(core, rec, hooks))
+    except Exception as exc:
+        # Without a close hook the request's end is unknowable: end it now rather than never.
+        report_internal_error("response stream watch", exc)
+        _stream_closed(core, rec, conn, record, key, flavour, hooks)
+
+
+def _watch_sync_stream(
+    core: PoolCore,
+    rec: RequestRecord,
+    conn: Any,
+    record: ConnRecord | None,
+    key: int,
+    response: Any,
+    flavour: Flavour,
+    hooks: Hooks,
+) -> None:
+    stream = response.stream
+    try:
+        inner_bound = stream.__dict__.get("close")
+        inner = inner_bound or getattr(type(stream), "close", None)
+        if inner is None:
+            raise TypeError(f"{type(stream).__qualname__} has no close()")
+
+        def close() -> None:
+            try:
+                if inner_bound is not None:
+                    inner_bound()
+                else:
+                    inner(stream)
+            finally:
+                _stream_closed(core, rec, conn, record, key, flavour, hooks)
+
+        stream.close = close
+        rec.leak_ref = weakref.ref(stream, _leak_detector(core, rec, hooks))
+    except Exception as exc:
+        report_internal_error("response stream watch", exc)
+        _stream_closed(core, rec, conn, record, key, flavour, hooks)
+
+
+# -- transports without an httpcore pool: request-level figures only ----------------------
+
+
+def _start_at_transport(core: PoolCore, request: Any, hooks: Hooks) -> RequestRecord | None:
+    try:
+        url = request.url
+        rec = core.start(core.origin((url.raw_scheme, url.raw_host, url.port)), pending=False)
+    except Exception as exc:
+        report_internal_error("request start", exc)
+        return None
+    _call_hook(hooks.on_start, rec, "request start hook")
+    return rec
+
+
+def _transport_headers(core: PoolCore, rec: RequestRecord, response: Any, hooks: Hooks) -> None:
+    try:
+        version = getattr(response, "http_version", "") or ""
+        core.call_exit(
+            rec,
+            status=response.status_code,
+            http_version="2" if version == "HTTP/2" else "1.1" if version else None,
+        )
+    except Exception as exc:
+        report_internal_error("response headers bookkeeping", exc)
+    _call_hook(hooks.on_headers, rec, "response headers hook")
+
+
+def async_transport_entry(
+    core: PoolCore, transport: Any, previous: Any, flavour: Flavour, hooks: Hooks
+) -> Callable[[Any], Awaitable[Any]]:
+    """The replacement for ``handle_async_request`` of a transport with no httpcore pool."""
+    cls = type(transport)
+
+    async def handle_async_request(request: Any) -> Any:
+        rec = _start_at_transport(core, request, hooks)
+        try:
+            if previous is not None:
+                response = await previous(request)
+            else:
+                response = await cls.handle_async_request(transport, request)
+        except BaseException as exc:
+            if rec is not None:
+                _failed(core, rec, exc, flavour, hooks)
+            raise
+        if rec is not None:
+            _transport_headers(core, rec, response, hooks)
+            _watch_async_stream(core, rec, None, None, 0, response, flavour, hooks)
+        return response
+
+    return handle_async_request
+
+
+def sync_transport_entry(
+    core: PoolCore, transport: Any, previous: Any, flavour: Flavour, hooks: Hooks
+) -> Callable[[Any], Any]:
+    """The replacement for ``handle_request`` of a transport with no httpcore pool."""
+    cls = type(transport)
+
+    def handle_request(request: Any) -> Any:
+        rec = _start_at_transport(core, request, hooks)
+        try:
+            if previous is not None:
+                response = previous(request)
+            else:
+                response = cls.handle_request(transport, request)
+        except BaseException as exc:
+            if rec is not None:
+                _failed(core, rec, exc, flavour, hooks)
+            raise
+        if rec is not None:
+            _transport_headers(core, rec, response, hooks)
+            _watch_sync_stream(core, rec, None, None, 0, response, flavour, hooks)
+        return response
+
+    return handle_request

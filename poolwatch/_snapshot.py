@@ -1,0 +1,57 @@
+"""``PoolSnapshot``: what a watched client's pools look like at one instant."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ._core import OriginSnapshot
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionGroup:
+    """Open connections to one origin, in one state, over one protocol version."""
+
+    scheme: str
+    address: str
+    port: int
+    #: ``active`` (serving a request), ``idle`` (kept alive), or ``connecting`` (a slot taken
+    #: by a connection no request is using yet: being set up, or orphaned by httpcore#1093).
+    state: str
+    #: ``1.1``, ``2``, or ``""`` while connecting.
+    http_version: str
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSnapshot:
+    """A watched client's pools at one instant, summed over all its pools and origins.
+
+    Counters (``*_total``) only grow; gauges return to 0 when the client is at rest.
+    """
+
+    name: str
+    #: The pool's limit (summed over the client's pools), ``None`` when any is unlimited.
+    max_connections: int | None
+    active_connections: int
+    idle_connections: int
+    pending_requests: int
+    active_requests: int
+    utilization: float
+    requests_total: int
+    reused_requests_total: int
+    connections_created_total: int
+    pool_timeouts_total: int
+    leaked_responses_total: int
+    reuse_ratio: float | None
+    #: Slots held by connections no request is using yet (see ``ConnectionGroup.state``).
+    connecting_connections: int = 0
+    #: How long the oldest request still waiting has waited, in seconds (0.0 when none).
+    pending_max_age: float = 0.0
+    #: Age of the oldest request in flight, in seconds (0.0 when none).
+    active_max_age: float = 0.0
+    #: Requests that ended in an exception, by ``error.type``.
+    errors: dict[str, int] | None = None
+    connections: tuple[ConnectionGroup, ...] = ()
+    origins: tuple[OriginSnapshot, ...] = ()
+    #: Pools poolwatch could not read this time (their figures are missing, not zero).
+    unreadable_pools: int = 0

@@ -1,0 +1,217 @@
+"""``ClientWatch``: poolwatch attached to one client, every pool of it, and detachable."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from . import _httpcore, _shells
+from ._core import PoolCore
+from ._httpcore import Flavour
+from ._safety import report_internal_error
+from ._snapshot import ConnectionGroup, PoolSnapshot
+
+
+class _PoolPatch:
+    """The patches on one httpcore pool, and what they replaced."""
+
+    __slots__ = ("entry_name", "pool", "previous_create", "previous_entry")
+
+    def __init__(self, pool: Any, entry_name: str, previous_entry: Any, previous_create: Any):
+        self.pool = pool
+        self.entry_name = entry_name
+        self.previous_entry = previous_entry
+        self.previous_create = previous_create
+
+
+class _TransportPatch:
+    """A transport without an httpcore pool: request-level figures only."""
+
+    __slots__ = ("entry_name", "previous", "transport")
+
+    def __init__(self, transport: Any, entry_name: str, previous: Any) -> None:
+        self.transport = transport
+        self.entry_name = entry_name
+        self.previous = previous
+
+
+class ClientWatch:
+    """poolwatch's attachment to one httpx / httpx2 client."""
+
+    def __init__(self, client: Any, flavour: Flavour, core: PoolCore) -> None:
+        self.name = core.name
+        self.core = core
+        self.flavour = flavour
+        self.is_async = flavour.is_async_client(client)
+        self.hooks = _shells.Hooks()
+        self._pools: list[_PoolPatch] = []
+        self._transports: list[_TransportPatch] = []
+        for transport, pool in _httpcore.iter_pools(client, flavour):
+            if pool is not None:
+                if not any(p.pool is pool for p in self._pools):
+                    self._attach_pool(pool)
+            else:
+                self._attach_transport(transport)
+
+    # -- attaching -------------------------------------------------------------------------
+
+    def _attach_pool(self, pool: Any) -> None:
+        core, flavour, hooks = self.core, self.flavour, self.hooks
+        is_async = _httpcore.is_async_pool(pool, flavour)
+        entry_name = "handle_async_request" if is_async else "handle_request"
+        previous_entry = pool.__dict__.get(entry_name)
+        make_entry = _shells.async_pool_entry if is_async else _shells.sync_pool_entry
+        entry = make_entry(core, pool, previous_entry, flavour, hooks)
+
+        previous_create = pool.__dict__.get("create_connection")
+        cls = type(pool)
+
+        def create_connection(origin: Any) -> Any:
+            if previous_create is not None:
+                conn = previous_create(origin)
+            else:
+                conn = cls.create_connection(pool, origin)
+            try:
+                _shells.watch_connection(
+                    core,
+                    conn,
+                    core.origin((origin.scheme, origin.host, origin.port)),
+                    pool=pool,
+                    scheme=origin.scheme,
+                    flavour=flavour,
+                    is_async=is_async,
+                    hooks=hooks,
+                )
+            except Exception as exc:
+                report_internal_error("connection watch", exc)
+            return conn
+
+        # Connections opened before instrument(): watch them too, as already connected.
+        for conn in _httpcore.connections(pool):
+            key = _httpcore.connection_origin_key(conn)
+            if key is None or _httpcore.is_connection_closed(conn):
+                continue
+            _shells.watch_connection(
+                core,
+                conn,
+                core.origin(key),
+                pool=pool,
+                scheme=key[0],
+                flavour=flavour,
+                is_async=is_async,
+                hooks=hooks,
+                connected=_httpcore.connection_http_version(conn) is not None,
+            )
+        setattr(pool, entry_name, entry)
+        pool.create_connection = create_connection
+        self._pools.append(_PoolPatch(pool, entry_name, previous_entry, previous_create))
+
+    def _attach_transport(self, transport: Any) -> None:
+        is_async = hasattr(transport, "handle_async_request")
+        entry_name = "handle_async_request" if is_async else "handle_request"
+        previous = transport.__dict__.get(entry_name)
+        make = _shells.async_transport_entry if is_async else _shells.sync_transport_entry
+        setattr(
+            transport, entry_name, make(self.core, transport, previous, self.flavour, self.hooks)
+        )
+        self._transports.append(_TransportPatch(transport, entry_name, previous))
+
+    def detach(self) -> None:
+        """Restore every pool, connection and transport as it was."""
+        for p in self._pools:
+            _httpcore.unpatch(p.pool, p.entry_name, p.previous_entry)
+            _httpcore.unpatch(p.pool, "create_connection", p.previous_create)
+            for conn in _httpcore.connections(p.pool):
+                _shells.detach_connection(conn)
+        for t in self._transports:
+            _httpcore.unpatch(t.transport, t.entry_name, t.previous)
+        self._pools.clear()
+        self._transports.clear()
+
+    @property
+    def pools(self) -> list[Any]:
+        return [p.pool for p in self._pools]
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def max_connections(self) -> int | None:
+        if not self._pools:
+            return None
+        total = 0
+        for p in self._pools:
+            limit = _httpcore.max_connections(p.pool)
+            if limit is None:
+                return None
+            total += limit
+        return total
+
+    def snapshot(self) -> PoolSnapshot:
+        """Read the pools and the core, and put them together."""
+        core = self.core
+        groups: Counter[tuple[str, str, int, str, str]] = Counter()
+        unreadable = 0
+        for p in self._pools:
+            try:
+                conns = _httpcore.connections(p.pool)
+                for conn in conns:
+                    key = id(conn)
+                    record = core.conns.get(key)
+                    if _httpcore.is_connection_closed(conn):
+                        continue
+                    if record is None:
+                        origin_key = _httpcore.connection_origin_key(conn)
+                        if origin_key is None:
+                            continue
+                        origin = core.origin(origin_key)
+                        state = "idle" if _httpcore.is_connection_idle(conn) else "active"
+                        version = _httpcore.connection_http_version(conn) or ""
+                    else:
+                        origin = record.origin
+                        version = record.http_version or ""
+                        if record.inflight > 0:
+                            state = "active"
+                        elif not record.connected:
+                            state = "connecting"
+                        else:
+                            state = "idle"
+                            if not version:
+                                version = _httpcore.connection_http_version(conn) or ""
+                    groups[(origin.scheme, origin.address, origin.port, state, version)] += 1
+            except Exception as exc:
+                unreadable += 1
+                report_internal_error("pool read", exc)
+        s = core.snapshot()
+        active = sum(n for k, n in groups.items() if k[3] == "active")
+        idle = sum(n for k, n in groups.items() if k[3] == "idle")
+        connecting = sum(n for k, n in groups.items() if k[3] == "connecting")
+        limit = self.max_connections()
+        requests = sum(o.requests_new + o.requests_reused for o in s.origins)
+        reused = sum(o.requests_reused for o in s.origins)
+        errors: Counter[str] = Counter()
+        for o in s.origins:
+            errors.update(o.errors)
+        return PoolSnapshot(
+            name=self.name,
+            max_connections=limit,
+            active_connections=active,
+            idle_connections=idle,
+            pending_requests=s.pending_requests,
+            active_requests=s.active_requests,
+            utilization=(active / limit) if limit else 0.0,
+            requests_total=requests,
+            reused_requests_total=reused,
+            connections_created_total=sum(o.connections_created for o in s.origins),
+            pool_timeouts_total=sum(o.timeouts for o in s.origins),
+            leaked_responses_total=s.leaked_responses,
+            reuse_ratio=(reused / requests) if requests else None,
+            connecting_connections=connecting,
+            pending_max_age=s.pending_max_age,
+            active_max_age=s.active_max_age,
+            errors=dict(errors),
+            connections=tuple(
+                ConnectionGroup(scheme, address, port, state, version, n)
+                for (scheme, address, port, state, version), n in sorted(groups.items())
+            ),
+            origins=s.origins,
+            unreadable_pools=unreadable,
+        )
