@@ -54,6 +54,7 @@ class OriginStats:
         "connection_duration",
         "connections_created",
         "errors",
+        "http_versions",
         "port",
         "request_duration",
         "requests_new",
@@ -75,6 +76,8 @@ class OriginStats:
         self.connections_created = 0
         self.timeouts = 0
         self.errors: dict[str, int] = {}
+        #: Protocol versions seen on this origin ("1.1", "2"): which series exist.
+        self.http_versions: set[str] = set()
         self.time_in_queue = Histogram(TIME_IN_QUEUE.buckets)
         self.connection_duration = Histogram(CONNECTION_DURATION.buckets)
         self.connect_time = Histogram(CONNECT_TIME.buckets)
@@ -178,6 +181,7 @@ class OriginSnapshot:
     connections_created: int
     timeouts: int
     errors: dict[str, int]
+    http_versions: tuple[str, ...]
     time_in_queue: HistogramSnapshot
     connection_duration: HistogramSnapshot
     connect_time: HistogramSnapshot
@@ -362,6 +366,8 @@ class PoolCore:
                 rec.status = status
                 if http_version is not None:
                     rec.http_version = http_version
+                    if http_version not in rec.origin.http_versions:
+                        rec.origin.http_versions.add(http_version)
                     if conn is not None and conn.http_version is None:
                         conn.http_version = http_version
                         if http_version != "2":
@@ -480,6 +486,7 @@ def _snapshot_origin(o: OriginStats) -> OriginSnapshot:
         connections_created=o.connections_created,
         timeouts=o.timeouts,
         errors=dict(o.errors),
+        http_versions=tuple(sorted(o.http_versions)),
         time_in_queue=o.time_in_queue.snapshot(),
         connection_duration=o.connection_duration.snapshot(),
         connect_time=o.connect_time.snapshot(),

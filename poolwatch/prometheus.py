@@ -1,0 +1,129 @@
+"""Prometheus export: every instrumented pool on a prometheus_client registry.
+
+    poolwatch.prometheus.enable()                 # the default registry
+    poolwatch.prometheus.start_http_server(9464)  # serves /metrics on 127.0.0.1
+
+In one process, a collector reads every pool at scrape time: nothing is exported on the
+request path. Under prometheus_client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` set,
+gunicorn or uvicorn workers), custom collectors are not supported, so each worker instead
+copies its pools' figures into multiprocess metrics once a second, with gauge modes that add
+up across workers (see ``_multiprocess.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client import start_http_server as _prometheus_start_http_server
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+from . import _api
+from ._catalogue import CATALOGUE, MetricSpec
+from ._histogram import HistogramSnapshot
+from ._safety import report_internal_error
+from ._samples import samples
+
+__all__ = ["PoolCollector", "enable", "start_http_server"]
+
+_lock = threading.Lock()
+_enabled: dict[int, object] = {}
+
+
+class PoolCollector:
+    """A prometheus_client collector for every instrumented pool, present and future."""
+
+    def describe(self) -> Iterable[Metric]:
+        """Empty families, so registering never reads a pool."""
+        return [_family(spec) for spec in CATALOGUE]
+
+    def collect(self) -> Iterable[Metric]:
+        families = {spec: _family(spec) for spec in CATALOGUE}
+        for watch in _api.watches():
+            try:
+                snap = watch.snapshot()
+                for s in samples(snap):
+                    _add(families[s.spec], s.spec, s.labels, s.value)
+            except Exception as exc:
+                report_internal_error("prometheus collect", exc)
+        return list(families.values())
+
+
+def enable(registry: CollectorRegistry | None = None) -> None:
+    """Make every instrumented pool, present and future, appear on ``registry``.
+
+    Args:
+        registry: prometheus_client's default registry when ``None``.
+
+    Calling it again (for the same registry) does nothing. With ``PROMETHEUS_MULTIPROC_DIR``
+    set, figures are written to the multiprocess files instead, for
+    ``prometheus_client.multiprocess.MultiProcessCollector`` to merge at scrape time.
+    """
+    registry = REGISTRY if registry is None else registry
+    with _lock:
+        if id(registry) in _enabled:
+            return
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from ._multiprocess import MultiprocessPusher  # noqa: PLC0415
+
+            _enabled[id(registry)] = MultiprocessPusher.start(registry)
+            return
+        collector = PoolCollector()
+        registry.register(collector)
+        _enabled[id(registry)] = collector
+
+
+def start_http_server(
+    port: int, addr: str = "127.0.0.1", registry: CollectorRegistry | None = None
+) -> tuple[Any, threading.Thread]:
+    """Serve ``/metrics`` on ``addr:port`` (loopback unless told otherwise), pools enabled.
+
+    Returns prometheus_client's (server, thread); ``server.server_address[1]`` is the port
+    when ``port`` is 0. Under multiprocess mode the page merges every worker's files.
+    """
+    registry = REGISTRY if registry is None else registry
+    enable(registry)
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR") and registry is REGISTRY:
+        from prometheus_client import multiprocess  # noqa: PLC0415
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    server, thread = _prometheus_start_http_server(port, addr=addr, registry=registry)
+    return server, thread
+
+
+def _family(spec: MetricSpec) -> Metric:
+    labels = list(spec.labels)
+    if spec.kind == "counter":
+        return CounterMetricFamily(spec.exposition_name, spec.help, labels=labels)
+    if spec.kind == "histogram":
+        return HistogramMetricFamily(spec.exposition_name, spec.help, labels=labels)
+    return GaugeMetricFamily(spec.exposition_name, spec.help, labels=labels)
+
+
+def _add(
+    family: Metric, spec: MetricSpec, labels: tuple[str, ...], value: float | HistogramSnapshot
+) -> None:
+    if isinstance(value, HistogramSnapshot):
+        assert isinstance(family, HistogramMetricFamily)
+        family.add_metric(list(labels), _buckets(value), value.sum)
+    else:
+        family.add_metric(list(labels), value)  # type: ignore[attr-defined]
+
+
+def _buckets(h: HistogramSnapshot) -> list[tuple[str, float]]:
+    bounds: Iterator[float] = iter((*h.bounds, float("inf")))
+    return [(_le(b), float(n)) for b, n in zip(bounds, h.cumulative(), strict=True)]
+
+
+def _le(bound: float) -> str:
+    """A bucket bound as Prometheus writes it: ``+Inf``, ``0.5``, ``1.0``."""
+    return "+Inf" if bound == float("inf") else repr(float(bound))
