@@ -119,8 +119,10 @@ class RequestRecord:
         "opened",
         "origin",
         "pending",
+        "queue_wait",
         "status",
         "t_connect_start",
+        "t_end",
         "t_headers",
         "t_queue_end",
         "t_ready",
@@ -145,6 +147,9 @@ class RequestRecord:
         #: When the connection was ready to send on (after connect and TLS, or at acquire).
         self.t_ready: float | None = None
         self.t_headers: float | None = None
+        self.t_end: float | None = None
+        #: The queue wait recorded in the histogram (the whole life if none was obtained).
+        self.queue_wait: float | None = None
         self.status: int | None = None
         self.http_version: str | None = None
         self.error_type: str | None = None
@@ -389,15 +394,18 @@ class PoolCore:
             if rec.done:
                 return False
             rec.done = True
+            rec.t_end = now
             self._inflight.pop(id(rec), None)
             origin = rec.origin
             if rec.pending:
                 rec.pending = False
                 self.pending -= 1
                 # It never got a connection: the whole wait counts (PoolTimeout, cancelled).
-                origin.time_in_queue.observe(now - rec.t_start)
+                rec.queue_wait = now - rec.t_start
             elif rec.t_queue_end is not None:
-                origin.time_in_queue.observe(rec.t_queue_end - rec.t_start)
+                rec.queue_wait = rec.t_queue_end - rec.t_start
+            if rec.queue_wait is not None:
+                origin.time_in_queue.observe(rec.queue_wait)
             self.active -= 1
             origin.active_requests -= 1
             conn = rec.conn
@@ -432,16 +440,22 @@ class PoolCore:
 
     # -- connections -----------------------------------------------------------------------
 
-    def connection_closed(self, conn: ConnRecord, key: int) -> None:
-        """A connection left the pool (closed by the pool, the server, or an error)."""
+    def connection_closed(self, conn: ConnRecord, key: int) -> float | None:
+        """A connection left the pool (closed by the pool, the server, or an error).
+
+        Returns its lifetime, the first time only, if it had been connected.
+        """
         now = self.clock()
         with self._lock:
             self.conns.pop(key, None)
             if conn.closed:
-                return
+                return None
             conn.closed = True
-            if conn.t_open is not None:
-                conn.origin.connection_duration.observe(now - conn.t_open)
+            if conn.t_open is None:
+                return None
+            lifetime = now - conn.t_open
+            conn.origin.connection_duration.observe(lifetime)
+            return lifetime
 
     def forget_connections(self, live: Iterable[int]) -> None:
         """Close the records of connections that left the pool without poolwatch seeing it."""

@@ -36,17 +36,23 @@ from ._safety import report_internal_error
 _CURRENT: ContextVar[RequestRecord | None] = ContextVar("poolwatch_request", default=None)
 
 RequestHook = Callable[[RequestRecord], None]
+StartHook = Callable[[RequestRecord, Any], None]
+ConnectionClosedHook = Callable[[OriginStats, float], None]
 
 
 class Hooks:
-    """Exporter callbacks on a request's steps (spans). Empty unless an exporter asks."""
+    """Exporter callbacks on a request's steps (spans, OTel histograms), set by exporters.
 
-    __slots__ = ("on_finish", "on_headers", "on_start")
+    ``on_start`` also gets the request (httpcore's, or httpx's for a pool-less transport).
+    """
+
+    __slots__ = ("on_connection_closed", "on_finish", "on_headers", "on_start")
 
     def __init__(self) -> None:
-        self.on_start: RequestHook | None = None
+        self.on_start: StartHook | None = None
         self.on_headers: RequestHook | None = None
         self.on_finish: RequestHook | None = None
+        self.on_connection_closed: ConnectionClosedHook | None = None
 
 
 def error_type_of(exc: BaseException) -> str:
@@ -67,6 +73,24 @@ def _call_hook(hook: RequestHook | None, rec: RequestRecord, site: str) -> None:
         report_internal_error(site, exc)
 
 
+def _call_start_hook(hooks: Hooks, rec: RequestRecord, request: Any) -> None:
+    hook = hooks.on_start
+    if hook is None:
+        return
+    try:
+        hook(rec, request)
+    except Exception as exc:
+        report_internal_error("request start hook", exc)
+
+
+def _connection_gone(core: PoolCore, record: ConnRecord, key: int, hooks: Hooks) -> None:
+    """Close the connection's record; tell the exporters its lifetime."""
+    lifetime = core.connection_closed(record, key)
+    hook = hooks.on_connection_closed
+    if hook is not None and lifetime is not None:
+        hook(record.origin, lifetime)
+
+
 def _start(core: PoolCore, request: Any, hooks: Hooks) -> RequestRecord | None:
     try:
         url = request.url
@@ -74,7 +98,7 @@ def _start(core: PoolCore, request: Any, hooks: Hooks) -> RequestRecord | None:
     except Exception as exc:
         report_internal_error("request start", exc)
         return None
-    _call_hook(hooks.on_start, rec, "request start hook")
+    _call_start_hook(hooks, rec, request)
     return rec
 
 
@@ -178,10 +202,10 @@ def watch_connection(
         conn.handle_async_request = _async_connection_call(
             core, conn, cls, record, cna, flavour, hooks
         )
-        conn.aclose = _async_connection_close(core, conn, cls, record, key)
+        conn.aclose = _async_connection_close(core, conn, cls, record, key, hooks)
     else:
         conn.handle_request = _sync_connection_call(core, conn, cls, record, cna, flavour, hooks)
-        conn.close = _sync_connection_close(core, conn, cls, record, key)
+        conn.close = _sync_connection_close(core, conn, cls, record, key, hooks)
 
 
 def _enter_connection(
@@ -224,12 +248,12 @@ def _after_connection_call(
 
 
 def _connection_call_failed(
-    core: PoolCore, rec: RequestRecord, conn: Any, record: ConnRecord, key: int
+    core: PoolCore, rec: RequestRecord, conn: Any, record: ConnRecord, key: int, hooks: Hooks
 ) -> None:
     try:
         core.call_exit(rec, failed=True)
         if _httpcore.is_connection_closed(conn) or not record.connected:
-            core.connection_closed(record, key)
+            _connection_gone(core, record, key, hooks)
     except Exception as exc:
         report_internal_error("connection failure bookkeeping", exc)
 
@@ -255,7 +279,7 @@ def _async_connection_call(
             core.requeue(rec)
             raise
         except BaseException:
-            _connection_call_failed(core, rec, conn, record, key)
+            _connection_call_failed(core, rec, conn, record, key, hooks)
             raise
         finally:
             if saved is not None:
@@ -289,7 +313,7 @@ def _sync_connection_call(
             core.requeue(rec)
             raise
         except BaseException:
-            _connection_call_failed(core, rec, conn, record, key)
+            _connection_call_failed(core, rec, conn, record, key, hooks)
             raise
         finally:
             if saved is not None:
@@ -303,32 +327,32 @@ def _sync_connection_call(
 
 
 def _async_connection_close(
-    core: PoolCore, conn: Any, cls: type, record: ConnRecord, key: int
+    core: PoolCore, conn: Any, cls: type, record: ConnRecord, key: int, hooks: Hooks
 ) -> Callable[[], Awaitable[None]]:
     async def aclose() -> None:
         try:
             await cls.aclose(conn)  # type: ignore[attr-defined]
         finally:
-            _closed(core, record, key)
+            _closed(core, record, key, hooks)
 
     return aclose
 
 
 def _sync_connection_close(
-    core: PoolCore, conn: Any, cls: type, record: ConnRecord, key: int
+    core: PoolCore, conn: Any, cls: type, record: ConnRecord, key: int, hooks: Hooks
 ) -> Callable[[], None]:
     def close() -> None:
         try:
             cls.close(conn)  # type: ignore[attr-defined]
         finally:
-            _closed(core, record, key)
+            _closed(core, record, key, hooks)
 
     return close
 
 
-def _closed(core: PoolCore, record: ConnRecord, key: int) -> None:
+def _closed(core: PoolCore, record: ConnRecord, key: int, hooks: Hooks) -> None:
     try:
-        core.connection_closed(record, key)
+        _connection_gone(core, record, key, hooks)
     except Exception as exc:
         report_internal_error("connection close bookkeeping", exc)
 
@@ -393,7 +417,7 @@ def _stream_closed(
             error_type = error_type_of(exc)
         finished = core.finish(rec, error_type=error_type)
         if record is not None and _httpcore.is_connection_closed(conn):
-            core.connection_closed(record, key)
+            _connection_gone(core, record, key, hooks)
     except Exception as err:
         report_internal_error("response close bookkeeping", err)
         return
@@ -494,7 +518,7 @@ def _start_at_transport(core: PoolCore, request: Any, hooks: Hooks) -> RequestRe
     except Exception as exc:
         report_internal_error("request start", exc)
         return None
-    _call_hook(hooks.on_start, rec, "request start hook")
+    _call_start_hook(hooks, rec, request)
     return rec
 
 

@@ -1,0 +1,386 @@
+"""OpenTelemetry export: pool metrics and per-request spans through the OTel providers.
+
+    poolwatch.otel.enable()          # the global MeterProvider and TracerProvider
+
+Metrics use the semantic-convention names where one exists (``http.client.open_connections``,
+``http.client.active_requests``, ``http.client.request.time_in_queue``,
+``http.client.connection.duration``) and ``poolwatch.*`` otherwise. Gauges and counters are
+observable instruments, read at collection time; the histograms are recorded once per
+request, when it ends, because OTel has no observable histogram.
+
+Spans: when another instrumentation already made the HTTP CLIENT span of the request
+(opentelemetry-instrumentation-httpx, or a span of the caller's with ``http.request.method``),
+poolwatch never makes a second one. It adds to that span: attributes for the queue wait,
+reuse, connect and TLS time, and an INTERNAL child span ``wait_for_connection`` (as .NET
+does) for requests that waited at least 1 ms. Otherwise poolwatch makes the CLIENT span
+itself: it starts when the request enters the pool and **ends when the response is closed**,
+so a streamed LLM response's span covers the whole stream (minutes); ``http.response.headers``
+marks when the headers came. A cancellation is not an error.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from opentelemetry import metrics, trace
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from . import _api
+from . import _catalogue as c
+from ._core import OriginStats, RequestRecord
+from ._histogram import HistogramSnapshot
+from ._redact import FORBIDDEN_HEADERS, redact_url
+from ._safety import report_internal_error
+from ._samples import Sample, samples
+from ._version import __version__
+from ._watch import ClientWatch
+
+__all__ = ["enable"]
+
+#: Queue waits shorter than this get attributes but no ``wait_for_connection`` child span.
+WAIT_SPAN_THRESHOLD = 0.001
+
+_lock = threading.Lock()
+_enabled: list[_OtelExporter] = []
+
+
+def enable(
+    meter_provider: metrics.MeterProvider | None = None,
+    tracer_provider: trace.TracerProvider | None = None,
+    *,
+    spans: bool = True,
+    request_headers: Sequence[str] = (),
+    sensitive_query_parameters: Sequence[str] = (),
+) -> None:
+    """Export every instrumented pool, present and future, through OpenTelemetry.
+
+    Args:
+        meter_provider: the global one when ``None``.
+        tracer_provider: the global one when ``None``.
+        spans: make (or enrich) a span per request.
+        request_headers: request headers to record as ``http.request.header.<name>``;
+            ``authorization``, ``x-api-key``, ``cookie`` and ``set-cookie`` never are.
+        sensitive_query_parameters: more query keys whose values ``url.full`` redacts.
+
+    Calling it again with the same providers does nothing.
+    """
+    headers = tuple(h.lower() for h in request_headers)
+    refused = sorted(set(headers) & FORBIDDEN_HEADERS)
+    if refused:
+        raise ValueError(f"poolwatch never records credential headers: {', '.join(refused)}")
+    with _lock:
+        for exporter in _enabled:
+            if (
+                exporter.meter_provider is meter_provider
+                and exporter.tracer_provider is tracer_provider
+            ):
+                return
+        exporter = _OtelExporter(
+            meter_provider,
+            tracer_provider,
+            spans=spans,
+            request_headers=headers,
+            sensitive_keys=tuple(sensitive_query_parameters),
+        )
+        _enabled.append(exporter)
+    _api.subscribe(exporter.attach)
+    for watch in _api.watches():
+        exporter.attach(watch)
+
+
+class _OtelExporter:
+    def __init__(
+        self,
+        meter_provider: metrics.MeterProvider | None,
+        tracer_provider: trace.TracerProvider | None,
+        *,
+        spans: bool,
+        request_headers: tuple[str, ...],
+        sensitive_keys: tuple[str, ...],
+    ) -> None:
+        self.meter_provider = meter_provider
+        self.tracer_provider = tracer_provider
+        provider = meter_provider or metrics.get_meter_provider()
+        meter = provider.get_meter("poolwatch", __version__)
+        self._tracer = (tracer_provider or trace.get_tracer_provider()).get_tracer(
+            "poolwatch", __version__
+        )
+        self._spans = spans
+        self._request_headers = request_headers
+        self._sensitive_keys = sensitive_keys
+        self._cache_lock = threading.Lock()
+        self._cache: tuple[float, list[Sample]] = (float("-inf"), [])
+        self._attributes: dict[int, dict[str, Any]] = {}
+        self._watches: list[ClientWatch] = []
+        for spec in c.CATALOGUE:
+            if spec.kind == "histogram":
+                continue
+            make = {
+                "counter": meter.create_observable_counter,
+                "gauge": meter.create_observable_gauge
+                if spec.unit in ("s", "1")
+                else meter.create_observable_up_down_counter,
+            }[spec.kind]
+            make(
+                spec.otel_name,
+                callbacks=[self._callback(spec)],
+                unit=spec.unit,
+                description=spec.help,
+            )
+        self._histograms = {
+            spec: meter.create_histogram(
+                spec.otel_name,
+                unit=spec.unit,
+                description=spec.help,
+                explicit_bucket_boundaries_advisory=list(spec.buckets),
+            )
+            for spec in c.CATALOGUE
+            if spec.kind == "histogram"
+        }
+
+    # -- metrics ---------------------------------------------------------------------------
+
+    def _samples(self) -> list[Sample]:
+        """All pools' samples, read once per collection (the callbacks run back to back)."""
+        now = time.monotonic()
+        with self._cache_lock:
+            taken, cached = self._cache
+            if now - taken < 0.2:
+                return cached
+            out: list[Sample] = []
+            for watch in _api.watches():
+                try:
+                    out.extend(samples(watch.snapshot()))
+                except Exception as exc:
+                    report_internal_error("otel collect", exc)
+            self._cache = (now, out)
+            return out
+
+    def _callback(self, spec: c.MetricSpec) -> Any:
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            del options
+            try:
+                return [
+                    Observation(
+                        s.value, dict(zip(spec.attributes, _typed(spec, s.labels), strict=True))
+                    )
+                    for s in self._samples()
+                    if s.spec is spec and not isinstance(s.value, HistogramSnapshot)
+                ]
+            except Exception as exc:
+                report_internal_error("otel callback", exc)
+                return []
+
+        return observe
+
+    # -- per request -----------------------------------------------------------------------
+
+    def attach(self, watch: ClientWatch) -> None:
+        """Hook into a watch's requests: histograms always, spans if asked for."""
+        hooks = watch.hooks
+        name = watch.name
+        chained_start = hooks.on_start
+        chained_headers = hooks.on_headers
+        chained_finish = hooks.on_finish
+        chained_closed = hooks.on_connection_closed
+
+        def on_start(rec: RequestRecord, request: Any) -> None:
+            if chained_start is not None:
+                chained_start(rec, request)
+            self._on_start(rec, request, name)
+
+        def on_headers(rec: RequestRecord) -> None:
+            if chained_headers is not None:
+                chained_headers(rec)
+            self._on_headers(rec)
+
+        def on_finish(rec: RequestRecord) -> None:
+            if chained_finish is not None:
+                chained_finish(rec)
+            self._on_finish(rec, name)
+
+        def on_connection_closed(origin: OriginStats, lifetime: float) -> None:
+            if chained_closed is not None:
+                chained_closed(origin, lifetime)
+            self._histograms[c.CONNECTION_DURATION].record(
+                lifetime, self._origin_attributes(origin, name)
+            )
+
+        hooks.on_finish = on_finish
+        hooks.on_connection_closed = on_connection_closed
+        if self._spans:
+            hooks.on_start = on_start
+            hooks.on_headers = on_headers
+
+    def _origin_attributes(self, origin: OriginStats, pool_name: str) -> dict[str, Any]:
+        key = id(origin)
+        attributes = self._attributes.get(key)
+        if attributes is None:
+            attributes = {
+                "pool.name": pool_name,
+                "server.address": origin.address,
+                "server.port": origin.port,
+                "url.scheme": origin.scheme,
+            }
+            self._attributes[key] = attributes
+        return attributes
+
+    def _on_start(self, rec: RequestRecord, request: Any, pool_name: str) -> None:
+        current = trace.get_current_span()
+        if current.is_recording() and _is_http_client_span(current):
+            rec.extra = _Enriched(current, pool_name)
+            return
+        method, url = _method_and_url(request)
+        attributes: dict[str, Any] = {
+            "http.request.method": method,
+            "server.address": rec.origin.address,
+            "server.port": rec.origin.port,
+            "url.full": redact_url(url, self._sensitive_keys),
+            "url.scheme": rec.origin.scheme,
+            "pool.name": pool_name,
+        }
+        for name in self._request_headers:
+            value = _header(request, name)
+            if value is not None:
+                attributes[f"http.request.header.{name}"] = [value]
+        span = self._tracer.start_span(
+            method,
+            kind=SpanKind.CLIENT,
+            attributes=attributes,
+            start_time=_ns(rec.t_start),
+        )
+        rec.extra = _Owned(span, pool_name)
+
+    def _on_headers(self, rec: RequestRecord) -> None:
+        state = rec.extra
+        if isinstance(state, _Owned):
+            span = state.span
+            if rec.status is not None:
+                span.set_attribute("http.response.status_code", rec.status)
+            if rec.http_version is not None:
+                span.set_attribute("network.protocol.version", rec.http_version)
+            span.add_event("http.response.headers", timestamp=_ns(rec.t_headers))
+        elif isinstance(state, _Enriched):
+            # The other instrumentation ends its span when the headers are in: add now.
+            _add_pool_attributes(state.span, rec, state.pool_name)
+            self._wait_span(state.span, rec)
+
+    def _on_finish(self, rec: RequestRecord, pool_name: str) -> None:
+        attributes = self._origin_attributes(rec.origin, pool_name)
+        h = self._histograms
+        if rec.queue_wait is not None:
+            h[c.TIME_IN_QUEUE].record(rec.queue_wait, attributes)
+        if rec.connect_time is not None:
+            h[c.CONNECT_TIME].record(rec.connect_time, attributes)
+        if rec.tls_time is not None:
+            h[c.TLS_TIME].record(rec.tls_time, attributes)
+        if rec.t_headers is not None and rec.t_ready is not None:
+            h[c.TIME_TO_FIRST_BYTE].record(rec.t_headers - rec.t_ready, attributes)
+        if rec.t_end is not None:
+            h[c.REQUEST_DURATION].record(rec.t_end - rec.t_start, attributes)
+        state = rec.extra
+        if isinstance(state, _Owned):
+            span = state.span
+            _add_pool_attributes(span, rec, state.pool_name)
+            self._wait_span(span, rec)
+            if rec.error_type is not None and rec.error_type != "cancelled":
+                span.set_attribute("error.type", rec.error_type)
+                span.set_status(Status(StatusCode.ERROR))
+            elif rec.status is not None and rec.status >= 400:
+                span.set_attribute("error.type", str(rec.status))
+                span.set_status(Status(StatusCode.ERROR))
+            span.end(end_time=_ns(rec.t_end))
+
+    def _wait_span(self, parent: Any, rec: RequestRecord) -> None:
+        queue = rec.queue_time
+        if queue is None or queue < WAIT_SPAN_THRESHOLD or rec.t_queue_end is None:
+            return
+        context = trace.set_span_in_context(parent)
+        span = self._tracer.start_span(
+            "wait_for_connection",
+            context=context,
+            kind=SpanKind.INTERNAL,
+            start_time=_ns(rec.t_start),
+            attributes={"server.address": rec.origin.address, "server.port": rec.origin.port},
+        )
+        span.end(end_time=_ns(rec.t_queue_end))
+
+
+class _Enriched:
+    """Another instrumentation's CLIENT span, which poolwatch adds to."""
+
+    __slots__ = ("pool_name", "span")
+
+    def __init__(self, span: Any, pool_name: str) -> None:
+        self.span = span
+        self.pool_name = pool_name
+
+
+class _Owned(_Enriched):
+    """poolwatch's own CLIENT span, ended when the response closes."""
+
+    __slots__ = ()
+
+
+def _add_pool_attributes(span: Any, rec: RequestRecord, pool_name: str) -> None:
+    attributes: dict[str, Any] = {"poolwatch.pool.name": pool_name}
+    queue = rec.queue_time
+    if queue is not None:
+        attributes["http.client.request.time_in_queue"] = queue
+    reused = rec.reused
+    if reused is not None:
+        attributes["poolwatch.connection.reused"] = reused
+    if rec.connect_time is not None:
+        attributes["poolwatch.connection.connect_time"] = rec.connect_time
+    if rec.tls_time is not None:
+        attributes["poolwatch.connection.tls_time"] = rec.tls_time
+    if rec.t_headers is not None and rec.t_ready is not None:
+        attributes["poolwatch.request.time_to_first_byte"] = rec.t_headers - rec.t_ready
+    span.set_attributes(attributes)
+
+
+def _is_http_client_span(span: Any) -> bool:
+    if getattr(span, "kind", None) is not SpanKind.CLIENT:
+        return False
+    attributes = getattr(span, "attributes", None) or {}
+    return "http.request.method" in attributes or "http.method" in attributes
+
+
+def _method_and_url(request: Any) -> tuple[str, str]:
+    method = request.method
+    if isinstance(method, bytes):  # an httpcore Request
+        url = request.url
+        port = f":{url.port}" if url.port is not None else ""
+        full = f"{url.scheme.decode()}://{url.host.decode()}{port}{url.target.decode()}"
+        return method.decode(), full
+    return str(method), str(request.url)
+
+
+def _header(request: Any, name: str) -> str | None:
+    for key, value in request.headers if isinstance(request.headers, list) else request.headers.raw:
+        k = key.decode("latin-1") if isinstance(key, bytes) else key
+        if k.lower() == name:
+            return value.decode("latin-1") if isinstance(value, bytes) else str(value)
+    return None
+
+
+def _typed(spec: c.MetricSpec, labels: tuple[str, ...]) -> list[Any]:
+    """Label strings as OTel attribute values (``server.port`` is an int)."""
+    return [
+        int(v) if a == "server.port" and v.isdigit() else v
+        for a, v in zip(spec.attributes, labels, strict=True)
+    ]
+
+
+# perf_counter readings to epoch nanoseconds, for span timestamps.
+_EPOCH_OFFSET = time.time() - time.perf_counter()
+
+
+def _ns(t: float | None) -> int | None:
+    if t is None:
+        return None
+    return int((t + _EPOCH_OFFSET) * 1e9)
