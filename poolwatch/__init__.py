@@ -9,12 +9,14 @@ patched at import time.
 """
 
 from ._api import instrument, snapshot, uninstrument
+from ._saturation import SaturationEvent
 from ._snapshot import ConnectionGroup, PoolSnapshot
 from ._version import __version__
 
 __all__ = [
     "ConnectionGroup",
     "PoolSnapshot",
+    "SaturationEvent",
     "__version__",
     "instrument",
     "snapshot",

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 from . import _httpcore
 from ._core import PoolCore
 from ._safety import logger, report_internal_error
+from ._saturation import SaturationCallback, SaturationMonitor, sampler
 from ._snapshot import PoolSnapshot
 from ._watch import ClientWatch
 
@@ -22,7 +23,16 @@ _lock = threading.RLock()
 _listeners: list[Callable[[ClientWatch], None]] = []
 
 
-def instrument(client: _T, *, name: str | None = None, max_origins: int = 50) -> _T:
+def instrument(
+    client: _T,
+    *,
+    name: str | None = None,
+    max_origins: int = 50,
+    saturation_threshold: float | None = 0.8,
+    saturation_hysteresis: float = 0.1,
+    warning_interval: float = 60.0,
+    on_saturation: SaturationCallback | None = None,
+) -> _T:
     """Watch the connection pools of ``client``, in place, and return it.
 
     Args:
@@ -32,6 +42,12 @@ def instrument(client: _T, *, name: str | None = None, max_origins: int = 50) ->
             ``default``. Names are unique within the process: a taken one gets a suffix.
         max_origins: distinct (scheme, host, port) series kept per pool; requests to further
             origins are counted under ``server.address="_other"``.
+        saturation_threshold: utilization at which the ``poolwatch`` logger warns that the
+            pool saturates (``None``: never).
+        saturation_hysteresis: how far below the threshold it must fall to count as
+            recovered.
+        warning_interval: seconds between repeated warnings while it stays saturated.
+        on_saturation: called with a ``SaturationEvent`` at the same moments as the log.
 
     Calling it again on the same client does nothing. Every pool is watched: the default
     transport's, every ``mounts=`` transport's and every proxy's. A transport without an
@@ -45,6 +61,15 @@ def instrument(client: _T, *, name: str | None = None, max_origins: int = 50) ->
         raise ValueError(f"name must be a non-empty string, got {name!r}")
     if isinstance(max_origins, bool) or not isinstance(max_origins, int) or max_origins < 1:  # type: ignore[redundant-expr]
         raise ValueError(f"max_origins must be a positive int, got {max_origins!r}")
+    if on_saturation is not None and not callable(on_saturation):
+        raise TypeError(f"on_saturation must be callable, got {on_saturation!r}")
+    monitor = None
+    if saturation_threshold is not None:
+        monitor = SaturationMonitor(
+            threshold=saturation_threshold,
+            hysteresis=saturation_hysteresis,
+            interval=warning_interval,
+        )
     http_client, flavour = _httpcore.find_client(client)
     with _lock:
         if _lookup(client) is not None:
@@ -58,7 +83,9 @@ def instrument(client: _T, *, name: str | None = None, max_origins: int = 50) ->
                 max_origins=max_origins,
                 on_origin_overflow=_warn_origin_overflow,
             )
-            existing = ClientWatch(http_client, flavour, core)
+            existing = ClientWatch(
+                http_client, flavour, core, saturation=monitor, on_saturation=on_saturation
+            )
             _watches[http_client] = existing
             new = True
         else:
@@ -66,6 +93,8 @@ def instrument(client: _T, *, name: str | None = None, max_origins: int = 50) ->
         if client is not http_client:
             _watches[client] = existing
     if new:
+        if monitor is not None:
+            sampler.ensure_running()
         for listener in list(_listeners):
             try:
                 listener(existing)

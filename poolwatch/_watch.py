@@ -9,6 +9,7 @@ from . import _httpcore, _shells
 from ._core import PoolCore
 from ._httpcore import Flavour
 from ._safety import report_internal_error
+from ._saturation import SaturationCallback, SaturationMonitor
 from ._snapshot import ConnectionGroup, PoolSnapshot
 
 
@@ -38,12 +39,22 @@ class _TransportPatch:
 class ClientWatch:
     """poolwatch's attachment to one httpx / httpx2 client."""
 
-    def __init__(self, client: Any, flavour: Flavour, core: PoolCore) -> None:
+    def __init__(
+        self,
+        client: Any,
+        flavour: Flavour,
+        core: PoolCore,
+        *,
+        saturation: SaturationMonitor | None = None,
+        on_saturation: SaturationCallback | None = None,
+    ) -> None:
         self.name = core.name
         self.core = core
         self.flavour = flavour
         self.is_async = flavour.is_async_client(client)
         self.hooks = _shells.Hooks()
+        self.saturation = saturation
+        self.on_saturation = on_saturation
         self._pools: list[_PoolPatch] = []
         self._transports: list[_TransportPatch] = []
         for transport, pool in _httpcore.iter_pools(client, flavour):
