@@ -21,7 +21,6 @@ import socket
 import ssl
 import struct
 import threading
-import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -80,11 +79,6 @@ class Headers(list[tuple[str, str]]):
         """Every value of ``name`` (case-insensitive), in order."""
         wanted = name.lower()
         return [value for key, value in self if key == wanted]
-
-    def __contains__(self, name: object) -> bool:
-        if isinstance(name, str):
-            return self.get(name) is not None
-        return super().__contains__(name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,7 +170,7 @@ class LoopbackStats:
 
     @property
     def client_disconnects(self) -> int:
-        """Handlers cut short because the client went away (closed, reset, RST_STREAM)."""
+        """Requests the client left (closed, reset, RST_STREAM) before the response ended."""
         with self._cond:
             return self._client_disconnects
 
@@ -578,8 +572,18 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         """Close after the queued bytes are written (FIN)."""
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if (
+            transport.get_write_buffer_size() == 0
+            and transport.get_extra_info("sslcontext") is None
+        ):
+            # Send the FIN now rather than on the loop's next turn: the client runs in this
+            # process and may otherwise reuse the connection before it sees the close.
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_WR)
+        transport.close()
 
     def abort(self) -> None:
         """Close with a TCP RST: SO_LINGER(1, 0), then abort the transport."""
@@ -807,12 +811,7 @@ class _H1Responder(Responder):
         self._framing: Literal["chunked", "length", "none", "eof"] = "none"
         self._declared = 0
         self._sent = 0
-        if self.conn.gone.is_set():
-            self._gone.set()
-        else:
-            waiter = asyncio.ensure_future(self.conn.gone.wait())
-            waiter.add_done_callback(lambda _: self._gone.set())
-            self._watch = waiter
+        self._gone = self.conn.gone  # on HTTP/1.1 the response lives as long as the connection
 
     def _write(self, data: bytes) -> None:
         self.conn.write(data)
@@ -1029,7 +1028,7 @@ class _H2Session:
                 return  # after our GOAWAY: the client knows this stream was not processed
             if self.remote_goaway:
                 return
-            stream = _H2Stream(event.stream_id, list(event.headers or []))  # type: ignore[arg-type]
+            stream = _H2Stream(event.stream_id, list(event.headers or []))
             self.streams[event.stream_id] = stream
             if self._idle_timer is not None:
                 self._idle_timer.cancel()
@@ -1095,7 +1094,7 @@ class _H2Session:
                 pseudo[name] = value
             else:
                 headers.append((name, value))
-        if ":authority" in pseudo and "host" not in headers:
+        if ":authority" in pseudo and headers.get("host") is None:
             headers.insert(0, ("host", pseudo[":authority"]))
         target = pseudo.get(":path", "/")
         path, query = _split_target(target)
@@ -1385,13 +1384,19 @@ class _Engine:
                     self.stats._bump("_client_disconnects")
                 raise
             except Exception:
-                if responder.disconnected:
-                    return  # the client left; whatever the handler tripped on does not matter
+                if responder.disconnected and not responder.finished:
+                    # the client left; whatever the handler tripped on does not matter
+                    self.stats._bump("_client_disconnects")
+                    return
                 logger.exception("loopback handler for %s raised", request.path)
                 await responder._fail()
                 return
-            if not responder.finished:
-                await responder.end()
+            if responder.finished:
+                return
+            if responder.disconnected:  # the handler noticed the client leave, and returned
+                self.stats._bump("_client_disconnects")
+                return
+            await responder.end()
         finally:
             self.stats._request_finished()
 
@@ -1545,8 +1550,3 @@ class LoopbackServer:
     def __repr__(self) -> str:
         where = self.url if self._port is not None else "not started"
         return f"<LoopbackServer {where}>"
-
-
-def monotonic() -> float:
-    """The clock handlers should use (kept here so tests can reason about one clock)."""
-    return time.monotonic()
