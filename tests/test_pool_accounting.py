@@ -1,0 +1,374 @@
+"""Every snapshot figure against ground truth: the server's books, httpcore's own state, and
+the exceptions the caller caught. Each scenario runs on httpx and httpx2, async on asyncio and
+trio."""
+
+from __future__ import annotations
+
+import gc
+import ssl
+import threading
+from typing import Any
+
+import anyio
+import pytest
+from truth import await_until, httpcore_view, wait_until
+
+import poolwatch
+from poolwatch._loopback import LoopbackServer
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def assert_at_rest(snap: poolwatch.PoolSnapshot) -> None:
+    assert snap.active_requests == 0
+    assert snap.pending_requests == 0
+    assert snap.active_connections == 0
+    assert snap.pending_max_age == 0.0
+    assert snap.active_max_age == 0.0
+
+
+@pytest.mark.anyio
+async def test_requests_queue_behind_a_small_pool_and_every_figure_matches_the_server(
+    hx: Any, loopback_server: LoopbackServer
+) -> None:
+    url = f"{loopback_server.url}/delay?s=0.3"
+    async with hx.AsyncClient(limits=hx.Limits(max_connections=2)) as client:
+        poolwatch.instrument(client, name="small")
+        async with anyio.create_task_group() as tg:
+            for _ in range(10):
+                tg.start_soon(client.get, url)
+            await await_until(
+                lambda: loopback_server.stats.in_flight_requests == 2, what="2 in flight"
+            )
+            snap = poolwatch.snapshot(client)
+            assert snap.active_connections == 2 == httpcore_view(client).busy
+            assert snap.pending_requests == 8
+            assert snap.active_requests == 10
+            assert snap.utilization == 1.0
+            assert snap.max_connections == 2
+            assert snap.pending_max_age > 0.0
+        snap = poolwatch.snapshot(client)
+        stats = loopback_server.stats
+        assert snap.requests_total == 10 == stats.requests
+        assert snap.connections_created_total == 2 == stats.accepted_connections
+        assert snap.reused_requests_total == 8
+        assert snap.reuse_ratio == 0.8
+        assert_at_rest(snap)
+        assert snap.idle_connections == 2 == stats.open_connections == httpcore_view(client).idle
+        (origin,) = snap.origins
+        assert origin.time_in_queue.count == 10
+        # Five waves of two 0.3 s requests: the pairs waited 0, 0.3, 0.6, 0.9 and 1.2 s.
+        assert 5.5 < origin.time_in_queue.sum < 7.5
+        assert origin.request_duration.count == 10
+        assert origin.time_to_first_byte.count == 10
+        assert origin.connect_time.count == 2
+
+
+@pytest.mark.anyio
+async def test_pool_timeouts_equal_the_exceptions_the_caller_caught(
+    hx: Any, loopback_server: LoopbackServer
+) -> None:
+    caught: list[BaseException] = []
+
+    async def call() -> None:
+        try:
+            await client.get(f"{loopback_server.url}/delay?s=0.4")
+        except Exception as exc:
+            caught.append(exc)
+
+    timeout = hx.Timeout(5.0, pool=0.1)
+    async with hx.AsyncClient(limits=hx.Limits(max_connections=1), timeout=timeout) as client:
+        poolwatch.instrument(client)
+        async with anyio.create_task_group() as tg:
+            for _ in range(4):
+                tg.start_soon(call)
+        snap = poolwatch.snapshot(client)
+    assert caught, "the scenario must produce PoolTimeouts"
+    assert all(type(e) is hx.PoolTimeout for e in caught)  # the library's own class, unwrapped
+    assert snap.pool_timeouts_total == len(caught)
+    assert snap.errors == {"PoolTimeout": len(caught)}
+    assert snap.requests_total == 4 - len(caught) == loopback_server.stats.requests
+    assert_at_rest(snap)
+
+
+@pytest.mark.anyio
+async def test_a_stream_read_to_the_end_gives_its_connection_back_for_reuse(
+    hx: Any, loopback_server: LoopbackServer
+) -> None:
+    async with hx.AsyncClient() as client:
+        poolwatch.instrument(client)
+        for _ in range(3):
+            async with client.stream("GET", f"{loopback_server.url}/stream?chunks=5&size=100") as r:
+                chunks = [c async for c in r.aiter_raw()]
+            assert sum(map(len, chunks)) == 500
+        snap = poolwatch.snapshot(client)
+        assert snap.connections_created_total == 1 == loopback_server.stats.accepted_connections
+        assert snap.reused_requests_total == 2
+        assert snap.idle_connections == 1 == httpcore_view(client).idle
+        assert_at_rest(snap)
+
+
+@pytest.mark.anyio
+async def test_a_stream_closed_early_closes_its_connection_and_ends_the_request(
+    hx: Any, loopback_server: LoopbackServer
+) -> None:
+    async with hx.AsyncClient() as client:
+        poolwatch.instrument(client)
+        async with client.stream(
+            "GET", f"{loopback_server.url}/stream?chunks=20&size=1000&delay=0.02"
+        ) as r:
+            async for _ in r.aiter_raw():
+                assert poolwatch.snapshot(client).active_requests == 1
+                break
+        snap = poolwatch.snapshot(client)
+        assert_at_rest(snap)
+        # httpcore closes a connection whose response was not read to the end.
+        assert snap.idle_connections == 0 == httpcore_view(client).open
+        await await_until(lambda: loopback_server.stats.open_connections == 0, what="server close")
+        assert snap.origins[0].connection_duration.count == 1
+        assert snap.errors == {}
+
+
+@pytest.mark.anyio
+async def test_a_leaked_stream_is_counted_and_keeps_its_connection_forever(
+    hx: Any, loopback_server: LoopbackServer
+) -> None:
+    timeout = hx.Timeout(5.0, pool=0.1)
+    async with hx.AsyncClient(limits=hx.Limits(max_connections=1), timeout=timeout) as client:
+        poolwatch.instrument(client)
+        response = await client.send(
+            client.build_request("GET", f"{loopback_server.url}/ok"), stream=True
+        )
+        assert poolwatch.snapshot(client).active_requests == 1
+        del response
+        gc.collect()
+        snap = poolwatch.snapshot(client)
+        assert snap.leaked_responses_total == 1
+        assert snap.active_requests == 0
+        # The connection stays held: httpcore's own books agree, and the pool is blocked.
+        assert snap.active_connections == 1 == httpcore_view(client).busy
+        with pytest.raises(hx.PoolTimeout):
+            await client.get(f"{loopback_server.url}/ok")
+        assert poolwatch.snapshot(client).pool_timeouts_total == 1
+
+
+@pytest.mark.anyio
+async def test_a_request_cancelled_while_queued_leaves_nothing_behind(
+    hx: Any, loopback_server: LoopbackServer
+) -> None:
+    async with hx.AsyncClient(limits=hx.Limits(max_connections=1)) as client:
+        poolwatch.instrument(client)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(client.get, f"{loopback_server.url}/delay?s=0.3")
+            await await_until(lambda: loopback_server.stats.in_flight_requests == 1)
+            with anyio.move_on_after(0.1) as scope:
+                await client.get(f"{loopback_server.url}/ok")
+            assert scope.cancelled_caught
+            snap = poolwatch.snapshot(client)
+            assert snap.pending_requests == 0
+            assert snap.active_requests == 1
+        snap = poolwatch.snapshot(client)
+        assert_at_rest(snap)
+        assert snap.errors == {"cancelled": 1}
+        assert snap.requests_total == 1 == loopback_server.stats.requests
+        assert snap.origins[0].time_in_queue.count == 2
+
+
+@pytest.mark.anyio
+async def test_a_request_cancelled_mid_body_releases_its_connection(
+    hx: Any, loopback_server: LoopbackServer
+) -> None:
+    async with hx.AsyncClient() as client:
+        poolwatch.instrument(client)
+        with anyio.move_on_after(0.15):
+            async with client.stream(
+                "GET", f"{loopback_server.url}/stream?chunks=50&size=10&delay=0.05"
+            ) as r:
+                async for _ in r.aiter_raw():
+                    pass
+        snap = poolwatch.snapshot(client)
+        assert_at_rest(snap)
+        assert snap.requests_total == 1
+        assert httpcore_view(client).requests == 0
+        await await_until(lambda: loopback_server.stats.open_connections == snap.idle_connections)
+
+
+def test_sync_clients_shared_by_eight_threads_count_every_request(
+    hx: Any, loopback_server: LoopbackServer
+) -> None:
+    errors: list[BaseException] = []
+    with hx.Client(limits=hx.Limits(max_connections=3)) as client:
+        poolwatch.instrument(client)
+
+        def work() -> None:
+            try:
+                for _ in range(10):
+                    client.get(f"{loopback_server.url}/delay?s=0.005").raise_for_status()
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        snap = poolwatch.snapshot(client)
+        assert errors == []
+        stats = loopback_server.stats
+        assert snap.requests_total == 80 == stats.requests
+        assert snap.connections_created_total == stats.accepted_connections <= 3
+        assert snap.reused_requests_total == 80 - snap.connections_created_total
+        assert_at_rest(snap)
+        assert snap.idle_connections == httpcore_view(client).idle == stats.open_connections
+        assert snap.origins[0].time_in_queue.count == 80
+
+
+def test_sync_pool_timeouts_are_counted_from_threads(
+    hx: Any, loopback_server: LoopbackServer
+) -> None:
+    caught: list[BaseException] = []
+    timeout = hx.Timeout(5.0, pool=0.05)
+    with hx.Client(limits=hx.Limits(max_connections=1), timeout=timeout) as client:
+        poolwatch.instrument(client)
+
+        def work() -> None:
+            try:
+                client.get(f"{loopback_server.url}/delay?s=0.3")
+            except hx.PoolTimeout as exc:
+                caught.append(exc)
+
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        snap = poolwatch.snapshot(client)
+    assert len(caught) == 3
+    assert snap.pool_timeouts_total == 3
+    assert_at_rest(snap)
+
+
+@pytest.fixture
+def h2_server(loopback_server_factory: Any, server_ssl_context: ssl.SSLContext) -> LoopbackServer:
+    server: LoopbackServer = loopback_server_factory(
+        tls=server_ssl_context, h2_max_concurrent_streams=100
+    )
+    return server
+
+
+@pytest.mark.anyio
+async def test_http2_requests_share_one_connection_and_count_as_reused(
+    hx: Any, h2_server: LoopbackServer, client_ssl_context: ssl.SSLContext
+) -> None:
+    async with hx.AsyncClient(http2=True, verify=client_ssl_context) as client:
+        poolwatch.instrument(client)
+        async with anyio.create_task_group() as tg:
+            for _ in range(20):
+                tg.start_soon(client.get, f"{h2_server.url}/delay?s=0.2")
+            await await_until(lambda: h2_server.stats.in_flight_requests == 20)
+            snap = poolwatch.snapshot(client)
+            assert snap.active_connections == 1 == httpcore_view(client).busy
+            assert snap.pending_requests == 0
+            assert snap.active_requests == 20
+        snap = poolwatch.snapshot(client)
+        assert snap.connections_created_total == 1 == h2_server.stats.accepted_connections
+        assert h2_server.stats.h2_connections == 1
+        assert snap.requests_total == 20
+        assert snap.reused_requests_total == 19
+        assert_at_rest(snap)
+        assert [(g.state, g.http_version, g.count) for g in snap.connections] == [("idle", "2", 1)]
+        assert snap.origins[0].tls_time.count == 1
+
+
+@pytest.mark.anyio
+async def test_http2_requests_waiting_for_a_stream_slot_are_pending_though_httpcore_shows_none(
+    hx: Any,
+    loopback_server_factory: Any,
+    server_ssl_context: ssl.SSLContext,
+    client_ssl_context: ssl.SSLContext,
+) -> None:
+    server: LoopbackServer = loopback_server_factory(
+        tls=server_ssl_context, h2_max_concurrent_streams=2
+    )
+    async with hx.AsyncClient(http2=True, verify=client_ssl_context) as client:
+        poolwatch.instrument(client)
+        await client.get(f"{server.url}/ok")  # settle the connection and its SETTINGS
+        async with anyio.create_task_group() as tg:
+            for _ in range(6):
+                tg.start_soon(client.get, f"{server.url}/delay?s=0.3")
+            await await_until(lambda: server.stats.in_flight_requests == 2)
+            await anyio.sleep(0.05)
+            snap = poolwatch.snapshot(client)
+            pool = client._transport._pool
+            httpcore_queued = sum(1 for r in pool._requests if r.is_queued())
+            assert snap.pending_requests == 4
+            assert httpcore_queued == 0  # httpcore's own books hide stream-slot waits
+            assert snap.active_requests == 6
+        snap = poolwatch.snapshot(client)
+        assert_at_rest(snap)
+        assert snap.connections_created_total == 1 == server.stats.accepted_connections
+        assert server.stats.peak_concurrent_requests == 2
+        assert snap.requests_total == 7
+        # Two of the six waited one round of 0.3 s for a slot, two waited two rounds.
+        assert 1.6 < snap.origins[0].time_in_queue.sum < 2.4
+
+
+@pytest.mark.anyio
+async def test_every_mounted_pool_is_watched_and_summed(
+    hx: Any, loopback_server_factory: Any
+) -> None:
+    a: LoopbackServer = loopback_server_factory()
+    b: LoopbackServer = loopback_server_factory()
+    mounts = {b.url: hx.AsyncHTTPTransport(limits=hx.Limits(max_connections=3))}
+    async with hx.AsyncClient(limits=hx.Limits(max_connections=5), mounts=mounts) as client:
+        poolwatch.instrument(client)
+        for _ in range(3):
+            await client.get(f"{a.url}/ok")
+            await client.get(f"{b.url}/ok")
+        snap = poolwatch.snapshot(client)
+    assert snap.max_connections == 8
+    assert snap.requests_total == 6
+    assert (
+        snap.connections_created_total
+        == 2
+        == a.stats.accepted_connections + b.stats.accepted_connections
+    )
+    assert sorted(o.port for o in snap.origins) == sorted(
+        int(s.url.rsplit(":", 1)[1]) for s in (a, b)
+    )
+    assert {o.port: o.requests_new + o.requests_reused for o in snap.origins} == {
+        int(a.url.rsplit(":", 1)[1]): 3,
+        int(b.url.rsplit(":", 1)[1]): 3,
+    }
+
+
+def test_sync_http2_client_counts_like_the_async_one(
+    hx: Any, h2_server: LoopbackServer, client_ssl_context: ssl.SSLContext
+) -> None:
+    with hx.Client(http2=True, verify=client_ssl_context) as client:
+        poolwatch.instrument(client)
+        for _ in range(5):
+            assert client.get(f"{h2_server.url}/ok").http_version == "HTTP/2"
+        snap = poolwatch.snapshot(client)
+    assert snap.requests_total == 5
+    assert snap.connections_created_total == 1 == h2_server.stats.accepted_connections
+    assert_at_rest(snap)
+
+
+def test_connections_opened_before_instrument_are_counted_as_idle(
+    hx: Any, loopback_server: LoopbackServer
+) -> None:
+    with hx.Client() as client:
+        client.get(f"{loopback_server.url}/ok")
+        poolwatch.instrument(client)
+        snap = poolwatch.snapshot(client)
+        assert snap.idle_connections == 1 == loopback_server.stats.open_connections
+        client.get(f"{loopback_server.url}/ok")
+        snap = poolwatch.snapshot(client)
+        assert snap.requests_total == 1
+        assert snap.reused_requests_total == 1
+        assert snap.connections_created_total == 0
+        wait_until(lambda: loopback_server.stats.requests == 2)
