@@ -554,7 +554,10 @@ def async_transport_entry(
             raise
         if rec is not None:
             _transport_headers(core, rec, response, hooks)
-            _watch_async_stream(core, rec, None, None, 0, response, flavour, hooks)
+            if getattr(response, "is_closed", False):  # built from bytes: already read
+                _stream_closed(core, rec, None, None, 0, flavour, hooks)
+            else:
+                _watch_async_stream(core, rec, None, None, 0, response, flavour, hooks)
         return response
 
     return handle_async_request
@@ -579,7 +582,10 @@ def sync_transport_entry(
             raise
         if rec is not None:
             _transport_headers(core, rec, response, hooks)
-            _watch_sync_stream(core, rec, None, None, 0, response, flavour, hooks)
+            if getattr(response, "is_closed", False):  # built from bytes: already read
+                _stream_closed(core, rec, None, None, 0, flavour, hooks)
+            else:
+                _watch_sync_stream(core, rec, None, None, 0, response, flavour, hooks)
         return response
 
     return handle_request

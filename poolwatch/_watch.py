@@ -118,7 +118,7 @@ class ClientWatch:
         self._pools.append(_PoolPatch(pool, entry_name, previous_entry, previous_create))
 
     def _attach_transport(self, transport: Any) -> None:
-        is_async = hasattr(transport, "handle_async_request")
+        is_async = self.is_async
         entry_name = "handle_async_request" if is_async else "handle_request"
         previous = transport.__dict__.get(entry_name)
         make = _shells.async_transport_entry if is_async else _shells.sync_transport_entry

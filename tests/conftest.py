@@ -93,9 +93,8 @@ def hx(request: pytest.FixtureRequest) -> Any:
 
 
 @pytest.fixture(autouse=True)
-def _reset_poolwatch_error_log() -> Iterator[None]:
+def _reset_poolwatch_error_log() -> None:
     """Each test sees poolwatch's log-once sites fresh."""
     from poolwatch._safety import reset_reported_errors
 
     reset_reported_errors()
-    yield

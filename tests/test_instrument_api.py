@@ -1,0 +1,253 @@
+"""instrument(), snapshot() and uninstrument() as a user meets them: names, bad input,
+idempotence, restoring the client, and the user's own hooks and trace callbacks."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+
+import poolwatch
+from poolwatch._loopback import LoopbackServer
+
+
+def test_instrument_returns_the_same_client_and_a_second_call_changes_nothing(
+    hx: Any, loopback_server: LoopbackServer
+) -> None:
+    with hx.Client() as client:
+        assert poolwatch.instrument(client, name="once") is client
+        pool = client._transport._pool
+        entry = pool.__dict__["handle_request"]
+        assert poolwatch.instrument(client, name="twice") is client
+        assert pool.__dict__["handle_request"] is entry
+        client.get(f"{loopback_server.url}/ok")
+        snap = poolwatch.snapshot(client)
+        assert snap.name == "once"
+        assert snap.requests_total == 1
+
+
+def test_the_default_name_is_the_base_url_host_and_names_stay_unique(hx: Any) -> None:
+    with (
+        hx.Client(base_url="https://api.example.test/v1") as a,
+        hx.Client(base_url="https://api.example.test/v2") as b,
+        hx.Client() as c,
+    ):
+        poolwatch.instrument(a)
+        poolwatch.instrument(b)
+        poolwatch.instrument(c)
+        assert poolwatch.snapshot(a).name == "api.example.test"
+        assert poolwatch.snapshot(b).name == "api.example.test-2"
+        assert poolwatch.snapshot(c).name == "default"
+
+
+def test_a_fresh_snapshot_of_an_idle_client_is_all_zeros(hx: Any) -> None:
+    with hx.Client(limits=hx.Limits(max_connections=7)) as client:
+        snap = poolwatch.snapshot(poolwatch.instrument(client, name="zeros"))
+    assert snap == poolwatch.PoolSnapshot(
+        name="zeros",
+        max_connections=7,
+        active_connections=0,
+        idle_connections=0,
+        pending_requests=0,
+        active_requests=0,
+        utilization=0.0,
+        requests_total=0,
+        reused_requests_total=0,
+        connections_created_total=0,
+        pool_timeouts_total=0,
+        leaked_responses_total=0,
+        reuse_ratio=None,
+        errors={},
+    )
+
+
+def test_an_unlimited_pool_has_no_limit_and_zero_utilization(
+    hx: Any, loopback_server: LoopbackServer
+) -> None:
+    with hx.Client(limits=hx.Limits(max_connections=None)) as client:
+        poolwatch.instrument(client)
+        client.get(f"{loopback_server.url}/ok")
+        snap = poolwatch.snapshot(client)
+    assert snap.max_connections is None
+    assert snap.utilization == 0.0
+
+
+@pytest.mark.parametrize("thing", [42, "httpx", object(), None])
+def test_instrumenting_something_that_is_not_a_client_is_a_type_error(thing: object) -> None:
+    with pytest.raises(TypeError, match="expects an httpx or httpx2 Client / AsyncClient"):
+        poolwatch.instrument(thing)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"name": ""}, "name must be a non-empty string"),
+        ({"max_origins": 0}, "max_origins must be a positive int"),
+        ({"saturation_threshold": 1.5}, "saturation_threshold must be in"),
+        ({"warning_interval": 0}, "warning_interval must be positive"),
+        ({"saturation_hysteresis": 0.9}, "hysteresis must be in"),
+    ],
+)
+def test_a_bad_option_is_a_value_error_at_the_call(
+    hx: Any, options: dict[str, Any], message: str
+) -> None:
+    with hx.Client() as client, pytest.raises(ValueError, match=message):
+        poolwatch.instrument(client, **options)
+
+
+def test_a_closed_client_cannot_be_instrumented(hx: Any) -> None:
+    client = hx.Client()
+    client.close()
+    with pytest.raises(ValueError, match="closed client"):
+        poolwatch.instrument(client)
+
+
+def test_snapshot_of_a_client_never_instrumented_says_what_to_do(hx: Any) -> None:
+    with hx.Client() as client, pytest.raises(ValueError, match="call poolwatch.instrument"):
+        poolwatch.snapshot(client)
+
+
+def test_uninstrument_restores_the_client_as_it_was(
+    hx: Any, loopback_server: LoopbackServer
+) -> None:
+    with hx.Client() as client:
+        pool = client._transport._pool
+        before = dict(pool.__dict__)
+        poolwatch.instrument(client)
+        client.get(f"{loopback_server.url}/ok")
+        (conn,) = pool.connections
+        assert "handle_request" in conn.__dict__
+        poolwatch.uninstrument(client)
+        assert pool.__dict__.keys() == before.keys()
+        assert "handle_request" not in conn.__dict__
+        assert client.get(f"{loopback_server.url}/ok").status_code == 200
+        with pytest.raises(ValueError, match="not instrumented"):
+            poolwatch.snapshot(client)
+        poolwatch.uninstrument(client)  # twice is fine
+
+
+def test_a_custom_transport_without_a_pool_still_gets_request_level_figures(hx: Any) -> None:
+    def handler(request: Any) -> Any:
+        if request.url.path == "/boom":
+            raise hx.ConnectError("refused", request=request)
+        return hx.Response(200, json={"ok": True})
+
+    with hx.Client(transport=hx.MockTransport(handler)) as client:
+        poolwatch.instrument(client)
+        assert client.get("http://mock.test/ok").json() == {"ok": True}
+        with pytest.raises(hx.ConnectError):
+            client.get("http://mock.test/boom")
+        snap = poolwatch.snapshot(client)
+    assert snap.max_connections is None
+    assert snap.active_requests == 0
+    assert snap.errors == {"ConnectError": 1}
+    (origin,) = snap.origins
+    assert (origin.address, origin.port, origin.scheme) == ("mock.test", 80, "http")
+    assert origin.request_duration.count == 2
+
+
+@pytest.mark.anyio
+async def test_the_users_own_trace_callback_and_event_hooks_keep_working(
+    hx: Any, loopback_server: LoopbackServer
+) -> None:
+    seen: list[str] = []
+    hooked: list[str] = []
+
+    async def user_trace(name: str, info: dict[str, Any]) -> None:
+        seen.append(name)
+
+    async def on_request(request: Any) -> None:
+        hooked.append("request")
+
+    async def on_response(response: Any) -> None:
+        hooked.append("response")
+
+    hooks = {"request": [on_request], "response": [on_response]}
+    async with hx.AsyncClient(event_hooks=hooks) as client:
+        poolwatch.instrument(client)
+        for _ in range(2):
+            r = await client.get(f"{loopback_server.url}/ok", extensions={"trace": user_trace})
+            assert r.request.extensions["trace"] is user_trace
+    assert hooked == ["request", "response"] * 2
+    # Both requests' events reached the user: the first opened the connection.
+    assert seen.count("connection.connect_tcp.complete") == 1
+    assert seen.count("http11.receive_response_headers.complete") == 2
+    assert seen.count("http11.response_closed.complete") == 2
+
+
+def test_a_redirect_neither_chains_poolwatch_twice_nor_leaks_it_into_the_users_extensions(
+    hx: Any, loopback_server: LoopbackServer
+) -> None:
+    async def redirect(request: Any, response: Any) -> None:
+        await response.respond(302, headers=[("location", "/ok")])
+
+    loopback_server.routes["/redirect"] = redirect
+    seen: list[str] = []
+
+    def user_trace(name: str, info: dict[str, Any]) -> None:
+        seen.append(name)
+
+    extensions = {"trace": user_trace}
+    with hx.Client(follow_redirects=True) as client:
+        poolwatch.instrument(client)
+        r = client.get(f"{loopback_server.url}/redirect", extensions=extensions)
+        assert r.status_code == 200
+        assert [h.status_code for h in r.history] == [302]
+        assert r.request.extensions["trace"] is user_trace
+        assert extensions == {"trace": user_trace}
+        snap = poolwatch.snapshot(client)
+    assert seen.count("http11.send_request_headers.started") == 2
+    assert snap.requests_total == 2 == loopback_server.stats.requests
+
+
+def test_a_sync_trace_callback_on_an_async_client_fails_as_httpx_says(
+    hx: Any, loopback_server: LoopbackServer
+) -> None:
+    import anyio
+
+    def wrong(name: str, info: dict[str, Any]) -> None: ...
+
+    async def main() -> None:
+        async with hx.AsyncClient() as client:
+            poolwatch.instrument(client)
+            with pytest.raises(TypeError, match="asynchronous function"):
+                await client.get(f"{loopback_server.url}/ok", extensions={"trace": wrong})
+
+    anyio.run(main)
+
+
+def test_a_failure_inside_poolwatch_never_reaches_the_request_and_is_logged_once(
+    hx: Any,
+    loopback_server: LoopbackServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from poolwatch._core import PoolCore
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("bug in poolwatch")
+
+    monkeypatch.setattr(PoolCore, "acquire", broken)
+    caplog.set_level(logging.ERROR, logger="poolwatch")
+    with hx.Client() as client:
+        poolwatch.instrument(client)
+        for _ in range(3):
+            assert client.get(f"{loopback_server.url}/ok").status_code == 200
+    records = [r for r in caplog.records if r.name == "poolwatch"]
+    assert len(records) == 1
+    assert "connection acquire" in records[0].getMessage()
+    assert "bug in poolwatch" in records[0].getMessage()
+
+
+def test_the_hosts_own_exception_passes_through_unchanged(hx: Any) -> None:
+    with hx.Client() as client:
+        poolwatch.instrument(client)
+        with pytest.raises(hx.ConnectError) as caught:
+            client.get("http://127.0.0.1:1/")  # nothing listens on port 1
+        snap = poolwatch.snapshot(client)
+    assert type(caught.value) is hx.ConnectError
+    assert snap.errors == {"ConnectError": 1}
+    assert snap.connections_created_total == 0
+    assert snap.requests_total == 0
+    assert snap.active_requests == 0 == snap.pending_requests
