@@ -104,7 +104,7 @@ def test_a_closed_client_cannot_be_instrumented(hx: Any) -> None:
 
 
 def test_snapshot_of_a_client_never_instrumented_says_what_to_do(hx: Any) -> None:
-    with hx.Client() as client, pytest.raises(ValueError, match="call poolwatch.instrument"):
+    with hx.Client() as client, pytest.raises(ValueError, match=r"call poolwatch\.instrument"):
         poolwatch.snapshot(client)
 
 
