@@ -129,11 +129,16 @@ def snapshot(client: object) -> PoolSnapshot:
 
 
 def watches() -> list[ClientWatch]:
-    """Every live watch, once each (exporters read this at scrape time)."""
+    """The watches of clients still open, once each (exporters read this at scrape time).
+
+    A closed client's pools leave the exports at once, without waiting for the garbage
+    collector; ``snapshot()`` of it still works.
+    """
     with _lock:
         seen: dict[int, ClientWatch] = {}
         for watch in _watches.values():
-            seen.setdefault(id(watch), watch)
+            if watch.alive:
+                seen.setdefault(id(watch), watch)
         return list(seen.values())
 
 
@@ -167,7 +172,7 @@ def _default_name(http_client: Any) -> str:
 
 
 def _unique_name(wanted: str) -> str:
-    taken = {w.name for w in _watches.values()}
+    taken = {w.name for w in watches()}
     if wanted not in taken:
         return wanted
     n = 2

@@ -116,6 +116,7 @@ class RequestRecord:
         "extra",
         "http_version",
         "leak_ref",
+        "observed",
         "opened",
         "origin",
         "pending",
@@ -150,6 +151,8 @@ class RequestRecord:
         self.t_end: float | None = None
         #: The queue wait recorded in the histogram (the whole life if none was obtained).
         self.queue_wait: float | None = None
+        #: Queue, connect, TLS and time to first byte are in the histograms already.
+        self.observed = False
         self.status: int | None = None
         self.http_version: str | None = None
         self.error_type: str | None = None
@@ -271,6 +274,7 @@ class PoolCore:
             else:
                 rec.pending = False
                 rec.t_queue_end = rec.t_ready = rec.t_start
+                rec.observed = True  # no pool: no queue, connect or TLS to observe
             self.active += 1
             origin.active_requests += 1
             self._inflight[id(rec)] = rec
@@ -368,6 +372,12 @@ class PoolCore:
                     rec.origin.requests_new += 1
             if not failed:
                 rec.t_headers = now
+                if rec.t_ready is not None:
+                    rec.origin.ttfb.observe(now - rec.t_ready)
+            if not rec.observed:
+                # Known now, so exported now: an LLM stream may stay open for minutes more.
+                self._observe_phases(rec)
+            if not failed:
                 rec.status = status
                 if http_version is not None:
                     rec.http_version = http_version
@@ -401,22 +411,14 @@ class PoolCore:
                 rec.pending = False
                 self.pending -= 1
                 # It never got a connection: the whole wait counts (PoolTimeout, cancelled).
-                rec.queue_wait = now - rec.t_start
-            elif rec.t_queue_end is not None:
-                rec.queue_wait = rec.t_queue_end - rec.t_start
-            if rec.queue_wait is not None:
-                origin.time_in_queue.observe(rec.queue_wait)
+                rec.t_queue_end = now
+            if not rec.observed:
+                self._observe_phases(rec)
             self.active -= 1
             origin.active_requests -= 1
             conn = rec.conn
             if conn is not None and rec.leak_ref is not _LEAKED:
                 conn.inflight -= 1
-            if rec.connect_time is not None:
-                origin.connect_time.observe(rec.connect_time)
-            if rec.tls_time is not None:
-                origin.tls_time.observe(rec.tls_time)
-            if rec.t_headers is not None and rec.t_ready is not None:
-                origin.ttfb.observe(rec.t_headers - rec.t_ready)
             origin.request_duration.observe(now - rec.t_start)
             if error_type is not None:
                 rec.error_type = error_type
@@ -424,6 +426,19 @@ class PoolCore:
             if pool_timeout:
                 origin.timeouts += 1
             return True
+
+    @staticmethod
+    def _observe_phases(rec: RequestRecord) -> None:
+        """Queue wait, connect and TLS into the histograms, once (caller holds the lock)."""
+        rec.observed = True
+        origin = rec.origin
+        if rec.t_queue_end is not None:
+            rec.queue_wait = rec.t_queue_end - rec.t_start
+            origin.time_in_queue.observe(rec.queue_wait)
+        if rec.connect_time is not None:
+            origin.connect_time.observe(rec.connect_time)
+        if rec.tls_time is not None:
+            origin.tls_time.observe(rec.tls_time)
 
     def leaked(self, rec: RequestRecord) -> None:
         """The response was garbage-collected without being closed.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 from typing import Any
 
@@ -52,6 +53,7 @@ class ClientWatch:
         self.core = core
         self.flavour = flavour
         self.is_async = flavour.is_async_client(client)
+        self._client = weakref.ref(client)
         self.hooks = _shells.Hooks()
         self.saturation = saturation
         self.on_saturation = on_saturation
@@ -138,6 +140,12 @@ class ClientWatch:
             _httpcore.unpatch(t.transport, t.entry_name, t.previous)
         self._pools.clear()
         self._transports.clear()
+
+    @property
+    def alive(self) -> bool:
+        """The client exists and is not closed: its pools are worth exporting."""
+        client = self._client()
+        return client is not None and not getattr(client, "is_closed", False)
 
     @property
     def pools(self) -> list[Any]:

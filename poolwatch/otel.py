@@ -196,7 +196,14 @@ class _OtelExporter:
         def on_headers(rec: RequestRecord) -> None:
             if chained_headers is not None:
                 chained_headers(rec)
-            self._on_headers(rec)
+            attributes = self._origin_attributes(rec.origin, name)
+            self._record_phases(rec, attributes)
+            if rec.t_headers is not None and rec.t_ready is not None:
+                self._histograms[c.TIME_TO_FIRST_BYTE].record(
+                    rec.t_headers - rec.t_ready, attributes
+                )
+            if self._spans:
+                self._on_headers(rec)
 
         def on_finish(rec: RequestRecord) -> None:
             if chained_finish is not None:
@@ -211,10 +218,10 @@ class _OtelExporter:
             )
 
         hooks.on_finish = on_finish
+        hooks.on_headers = on_headers
         hooks.on_connection_closed = on_connection_closed
         if self._spans:
             hooks.on_start = on_start
-            hooks.on_headers = on_headers
 
     def _origin_attributes(self, origin: OriginStats, pool_name: str) -> dict[str, Any]:
         key = id(origin)
@@ -269,8 +276,7 @@ class _OtelExporter:
             _add_pool_attributes(state.span, rec, state.pool_name)
             self._wait_span(state.span, rec)
 
-    def _on_finish(self, rec: RequestRecord, pool_name: str) -> None:
-        attributes = self._origin_attributes(rec.origin, pool_name)
+    def _record_phases(self, rec: RequestRecord, attributes: dict[str, Any]) -> None:
         h = self._histograms
         if rec.queue_wait is not None:
             h[c.TIME_IN_QUEUE].record(rec.queue_wait, attributes)
@@ -278,10 +284,13 @@ class _OtelExporter:
             h[c.CONNECT_TIME].record(rec.connect_time, attributes)
         if rec.tls_time is not None:
             h[c.TLS_TIME].record(rec.tls_time, attributes)
-        if rec.t_headers is not None and rec.t_ready is not None:
-            h[c.TIME_TO_FIRST_BYTE].record(rec.t_headers - rec.t_ready, attributes)
+
+    def _on_finish(self, rec: RequestRecord, pool_name: str) -> None:
+        attributes = self._origin_attributes(rec.origin, pool_name)
+        if rec.t_headers is None:  # never got a response: the phases are known only now
+            self._record_phases(rec, attributes)
         if rec.t_end is not None:
-            h[c.REQUEST_DURATION].record(rec.t_end - rec.t_start, attributes)
+            self._histograms[c.REQUEST_DURATION].record(rec.t_end - rec.t_start, attributes)
         state = rec.extra
         if isinstance(state, _Owned):
             span = state.span
