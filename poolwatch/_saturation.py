@@ -151,6 +151,11 @@ class _Sampler:
     def __init__(self) -> None:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._wake = threading.Event()
+
+    def wake(self) -> None:
+        """Check now instead of at the end of the current interval."""
+        self._wake.set()
 
     def ensure_running(self) -> None:
         with self._lock:
@@ -163,7 +168,8 @@ class _Sampler:
 
     def _loop(self) -> None:
         while True:
-            time.sleep(SAMPLE_INTERVAL)
+            self._wake.wait(SAMPLE_INTERVAL)
+            self._wake.clear()
             check_all()
 
 

@@ -98,3 +98,14 @@ def _reset_poolwatch_error_log() -> None:
     from poolwatch._safety import reset_reported_errors
 
     reset_reported_errors()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _park_the_saturation_sampler() -> None:
+    """Tests drive ``check_all()`` with their own clock; the sampler thread would race them.
+
+    ``test_saturation.py`` wakes the thread on purpose to show it runs.
+    """
+    import poolwatch._saturation
+
+    poolwatch._saturation.SAMPLE_INTERVAL = 3600.0
