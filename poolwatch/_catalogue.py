@@ -240,3 +240,19 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     TIME_TO_FIRST_BYTE,
     REQUEST_DURATION,
 )
+
+
+def markdown_table() -> str:
+    """The README's metric table, made from the catalogue (a test keeps the README in sync)."""
+    rows = [
+        "| Prometheus name | OTel name | kind | unit | labels beyond `pool_name` | meaning |",
+        "|---|---|---|---|---|---|",
+    ]
+    for spec in CATALOGUE:
+        extra = [label for label in spec.labels if label != "pool_name"]
+        labels = ", ".join(f"`{label}`" for label in extra) or "(pool-wide)"
+        rows.append(
+            f"| `{spec.prometheus_name}` | `{spec.otel_name}` | {spec.kind} | `{spec.unit}` "
+            f"| {labels} | {spec.help} |"
+        )
+    return "\n".join(rows)
