@@ -239,6 +239,8 @@ class PoolCore:
 
     def origin(self, key: OriginKey) -> OriginStats:
         """The stats for an origin, created on first use; bounded by ``max_origins``."""
+        if key[2] is None:  # a URL's default port and a connection's explicit one are one origin
+            key = (key[0], key[1], _DEFAULT_PORTS.get(key[0], 0))
         stats = self._origins.get(key)
         if stats is not None:
             return stats
@@ -254,9 +256,7 @@ class PoolCore:
                         self._on_origin_overflow(self)
                 return overflow
             scheme, host, port = key
-            if port is None:
-                port = _DEFAULT_PORTS.get(scheme, 0)
-            stats = OriginStats(scheme.decode("ascii"), host.decode("ascii"), port)
+            stats = OriginStats(scheme.decode("ascii"), host.decode("ascii"), port or 0)
             self._origins[key] = stats
             return stats
 

@@ -126,12 +126,24 @@ def find_client(obj: object) -> tuple[Any, Flavour]:
 
 
 def transports_of(client: Any) -> list[Any]:
-    """Every distinct transport the client routes requests to: default, mounts and proxies."""
+    """Every distinct transport the client routes requests to: default, mounts and proxies.
+
+    The default transport is left out when mounts catch every URL (``proxy=`` mounts
+    ``all://``; proxy environment variables mount ``http://`` and ``https://``): its pool
+    can never serve a request, and its limit would inflate the pool's capacity.
+    """
     found: dict[int, Any] = {}
+    mounts = getattr(client, "_mounts", None) or {}
+    catch_all = {
+        getattr(pattern, "pattern", "")
+        for pattern, mounted in mounts.items()
+        if mounted is not None
+    }
+    shadowed = "all://" in catch_all or {"http://", "https://"} <= catch_all
     transport = getattr(client, "_transport", None)
-    if transport is not None:
+    if transport is not None and not shadowed:
         found[id(transport)] = transport
-    for mounted in (getattr(client, "_mounts", None) or {}).values():
+    for mounted in mounts.values():
         if mounted is not None:
             found.setdefault(id(mounted), mounted)
     return list(found.values())

@@ -372,3 +372,55 @@ def test_connections_opened_before_instrument_are_counted_as_idle(
         assert snap.reused_requests_total == 1
         assert snap.connections_created_total == 0
         wait_until(lambda: loopback_server.stats.requests == 2)
+
+
+@pytest.mark.anyio
+async def test_a_proxy_pool_is_watched_like_any_other(
+    hx: Any, loopback_server_factory: Any
+) -> None:
+    # The loopback server answers absolute-form targets itself: a forward proxy's view.
+    proxy: LoopbackServer = loopback_server_factory()
+    async with hx.AsyncClient(proxy=proxy.url, limits=hx.Limits(max_connections=1)) as client:
+        poolwatch.instrument(client)
+        (proxy_transport,) = [t for t in client._mounts.values() if t is not None]
+        assert type(proxy_transport._pool).__name__ == "AsyncHTTPProxy"
+        for _ in range(3):
+            r = await client.get("http://upstream.test/ok")
+            assert r.json()["path"] == "/ok"
+        snap = poolwatch.snapshot(client)
+    assert snap.requests_total == 3 == proxy.stats.requests
+    assert snap.connections_created_total == 1 == proxy.stats.accepted_connections
+    assert snap.max_connections == 1  # the default pool is unreachable behind all://
+    assert [(o.address, o.port) for o in snap.origins] == [("upstream.test", 80)]
+    assert_at_rest(snap)
+
+
+def test_https_over_http1_times_the_tls_handshake_of_each_new_connection(
+    hx: Any,
+    loopback_server_factory: Any,
+    server_ssl_context_factory: Any,
+    client_ssl_context: ssl.SSLContext,
+) -> None:
+    server: LoopbackServer = loopback_server_factory(tls=server_ssl_context_factory(("http/1.1",)))
+    with hx.Client(verify=client_ssl_context) as client:
+        poolwatch.instrument(client)
+        for _ in range(3):
+            assert client.get(f"{server.url}/ok").http_version == "HTTP/1.1"
+        snap = poolwatch.snapshot(client)
+    (origin,) = snap.origins
+    assert (origin.scheme, origin.address) == ("https", "localhost")
+    assert origin.tls_time.count == 1 == server.stats.tls_handshakes
+    assert origin.connect_time.count == 1
+    assert snap.reused_requests_total == 2
+    assert [(g.state, g.http_version) for g in snap.connections] == [("idle", "1.1")]
+
+
+def test_a_url_with_the_default_port_and_its_connection_are_one_origin() -> None:
+    from poolwatch._core import PoolCore
+
+    core = PoolCore("ports")
+    assert core.origin((b"http", b"api.test", None)) is core.origin((b"http", b"api.test", 80))
+    assert core.origin((b"https", b"api.test", None)) is core.origin((b"https", b"api.test", 443))
+    assert core.origin((b"https", b"api.test", 8443)) is not core.origin(
+        (b"https", b"api.test", 443)
+    )
