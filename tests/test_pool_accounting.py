@@ -424,3 +424,25 @@ def test_a_url_with_the_default_port_and_its_connection_are_one_origin() -> None
     assert core.origin((b"https", b"api.test", 8443)) is not core.origin(
         (b"https", b"api.test", 443)
     )
+
+
+def test_on_http1_only_the_request_that_opens_a_connection_carries_a_trace_callback(
+    hx: Any, loopback_server: LoopbackServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The overhead budget depends on it: the other requests run without any trace callback.
+    from poolwatch import _shells
+
+    traced: list[object] = []
+    original = _shells._sync_trace
+
+    def counting(core: Any, rec: Any, user_trace: Any) -> Any:
+        traced.append(rec)
+        return original(core, rec, user_trace)
+
+    monkeypatch.setattr(_shells, "_sync_trace", counting)
+    with hx.Client() as client:
+        poolwatch.instrument(client)
+        for _ in range(10):
+            client.get(f"{loopback_server.url}/ok")
+        assert poolwatch.snapshot(client).requests_total == 10
+    assert len(traced) == 1
