@@ -232,10 +232,10 @@ def _enter_connection(
     return rec, saved
 
 
-def _after_connection_call(
-    core: PoolCore, rec: RequestRecord, conn: Any, record: ConnRecord, response: Any
-) -> bool:
-    """Headers arrived. Returns whether the response stream could be watched."""
+def _headers_arrived(
+    core: PoolCore, rec: RequestRecord, record: ConnRecord, response: Any, hooks: Hooks
+) -> None:
+    """The connection call returned the response headers."""
     try:
         http_version = record.http_version
         if http_version is None:
@@ -244,7 +244,7 @@ def _after_connection_call(
         core.call_exit(rec, status=response.status, http_version=http_version)
     except Exception as exc:
         report_internal_error("response headers bookkeeping", exc)
-    return True
+    _call_hook(hooks.on_headers, rec, "response headers hook")
 
 
 def _connection_call_failed(
@@ -284,8 +284,7 @@ def _async_connection_call(
         finally:
             if saved is not None:
                 request.extensions = saved
-        _after_connection_call(core, rec, conn, record, response)
-        _call_hook(hooks.on_headers, rec, "response headers hook")
+        _headers_arrived(core, rec, record, response, hooks)
         _watch_async_stream(core, rec, conn, record, key, response, flavour, hooks)
         return response
 
@@ -318,8 +317,7 @@ def _sync_connection_call(
         finally:
             if saved is not None:
                 request.extensions = saved
-        _after_connection_call(core, rec, conn, record, response)
-        _call_hook(hooks.on_headers, rec, "response headers hook")
+        _headers_arrived(core, rec, record, response, hooks)
         _watch_sync_stream(core, rec, conn, record, key, response, flavour, hooks)
         return response
 
