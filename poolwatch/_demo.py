@@ -725,9 +725,10 @@ def findings(r: DemoReport) -> list[str]:
     if r.leaked_responses:
         what = "stream slot on its connection" if r.http2 else "connection"
         left = "" if r.http2 else f" (the pool ran on {usable} of {r.max_connections})"
+        keeps = "it keeps" if r.leaked_responses == 1 else "each keeps"
         out.append(
             f"{_n(r.leaked_responses, 'streamed response was', 'streamed responses were')} "
-            f"dropped without being closed: each keeps its {what} out of the pool until the "
+            f"dropped without being closed: {keeps} its {what} out of the pool until the "
             f"client is closed{left}. Close streams with `async with client.stream(...)`, or "
             f"`await response.aclose()`."
         )
