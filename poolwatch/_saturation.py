@@ -113,11 +113,22 @@ def _event(
     else:
         still = "still " if kind == "still_saturated" else ""
         since = f" for {lasted:.0f} s" if kind == "still_saturated" else ""
+        if snap.max_connections is not None and snap.active_connections < snap.max_connections:
+            # Connections to spare, yet requests wait: HTTP/2 stream slots (httpx opens no
+            # second connection while the first accepts streams), or an unlimited pool.
+            advice = (
+                "Requests wait with connections to spare: on HTTP/2 they queue for a stream "
+                "slot of the one connection (the server's concurrent-stream limit); lower the "
+                "concurrency, spread it over more clients, or use HTTP/1.1."
+            )
+        else:
+            advice = (
+                "Requests queue for a connection: raise max_connections (httpx.Limits), lower "
+                "the concurrency, or check that streamed responses are closed."
+            )
         message = (
             f"poolwatch: pool {snap.name!r} is {still}saturated{since}: {figures}, "
-            f"utilization {snap.utilization:.0%}. Requests queue for a connection: raise "
-            "max_connections (httpx.Limits), lower the concurrency, or check that streamed "
-            "responses are closed."
+            f"utilization {snap.utilization:.0%}. {advice}"
         )
     return SaturationEvent(
         kind=kind,

@@ -79,6 +79,8 @@ def test_a_request_waiting_a_second_is_saturation_even_with_connections_to_spare
     event = SaturationMonitor().evaluate(h2, now=0)
     assert event is not None
     assert event.kind == "saturated"
+    assert "stream slot" in event.message
+    assert "raise max_connections" not in event.message
 
 
 def test_an_unlimited_pool_says_so_in_the_figures() -> None:
