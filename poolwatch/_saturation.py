@@ -83,15 +83,15 @@ class SaturationMonitor:
             if not hot:
                 return None
             self._since = self._last_warning = now
-            return _event("saturated", snap, 0.0)
+            return _event("saturated", snap, 0.0, self.threshold)
         if hot or snap.utilization >= self.recovery or snap.pending_requests > 0:
             if now - self._last_warning >= self.interval:
                 self._last_warning = now
-                return _event("still_saturated", snap, now - self._since)
+                return _event("still_saturated", snap, now - self._since, self.threshold)
             return None
         lasted = now - self._since
         self._since = None
-        return _event("recovered", snap, lasted)
+        return _event("recovered", snap, lasted, self.threshold)
 
 
 def _figures(snap: PoolSnapshot) -> str:
@@ -113,7 +113,7 @@ def _event(
     else:
         still = "still " if kind == "still_saturated" else ""
         since = f" for {lasted:.0f} s" if kind == "still_saturated" else ""
-        if snap.max_connections is not None and snap.active_connections < snap.max_connections:
+        if snap.utilization < threshold:
             # Connections to spare, yet requests wait: HTTP/2 stream slots (httpx opens no
             # second connection while the first accepts streams), or an unlimited pool.
             advice = (
