@@ -103,7 +103,10 @@ def _figures(snap: PoolSnapshot) -> str:
 
 
 def _event(
-    kind: Literal["saturated", "still_saturated", "recovered"], snap: PoolSnapshot, lasted: float
+    kind: Literal["saturated", "still_saturated", "recovered"],
+    snap: PoolSnapshot,
+    lasted: float,
+    threshold: float,
 ) -> SaturationEvent:
     figures = _figures(snap)
     if kind == "recovered":
