@@ -71,8 +71,10 @@ class Flavour:
         return isinstance(obj, core.AsyncConnectionPool | core.ConnectionPool)
 
     def owns_exception(self, exc: BaseException) -> bool:
-        module = type(exc).__module__
-        return module.startswith((self.httpx.__name__ + ".", self.httpcore.__name__ + "."))
+        """The exception is the library's own (httpx and httpcore rewrite ``__module__`` to
+        the package name, so both ``httpcore`` and ``httpcore._exceptions`` occur)."""
+        package = type(exc).__module__.partition(".")[0]
+        return package in (self.httpx.__name__, self.httpcore.__name__)
 
 
 _flavours: dict[str, Flavour] = {}

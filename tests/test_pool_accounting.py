@@ -446,3 +446,18 @@ def test_on_http1_only_the_request_that_opens_a_connection_carries_a_trace_callb
             client.get(f"{loopback_server.url}/ok")
         assert poolwatch.snapshot(client).requests_total == 10
     assert len(traced) == 1
+
+
+def test_an_error_in_the_middle_of_the_body_is_counted_by_its_type(
+    hx: Any, loopback_server: LoopbackServer
+) -> None:
+    with hx.Client() as client:
+        poolwatch.instrument(client)
+        with pytest.raises(hx.ReadError):
+            client.get(f"{loopback_server.url}/reset")
+        with pytest.raises(hx.RemoteProtocolError):
+            client.get(f"{loopback_server.url}/short")
+        snap = poolwatch.snapshot(client)
+    assert snap.errors == {"ReadError": 1, "RemoteProtocolError": 1}
+    assert snap.requests_total == 2 == loopback_server.stats.requests
+    assert_at_rest(snap)
