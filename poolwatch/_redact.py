@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 #: semconv ``url.full``: "SHOULD be redacted by default", case-sensitive keys.
 SEMCONV_SENSITIVE_KEYS = frozenset(
@@ -69,10 +69,11 @@ def redact_url(url: str, extra_keys: Iterable[str] = ()) -> str:
         out = []
         for pair in query.split("&"):
             key, sep, _ = pair.partition("=")
+            name = unquote(key.replace("+", " "))  # api%5Fkey is api_key
             if sep and (
-                key in SEMCONV_SENSITIVE_KEYS
-                or key.lower() in CREDENTIAL_KEYS
-                or key.lower() in extra
+                name in SEMCONV_SENSITIVE_KEYS
+                or name.lower() in CREDENTIAL_KEYS
+                or name.lower() in extra
             ):
                 out.append(f"{key}={REDACTED}")
             else:

@@ -41,6 +41,11 @@ from ._watch import ClientWatch
 
 __all__ = ["enable"]
 
+_KNOWN_METHODS = frozenset(
+    {"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE"}
+)
+_ATTRIBUTE_CACHE_SIZE = 4096
+
 #: Queue waits shorter than this get attributes but no ``wait_for_connection`` child span.
 WAIT_SPAN_THRESHOLD = 0.001
 
@@ -114,7 +119,8 @@ class _OtelExporter:
         self._sensitive_keys = sensitive_keys
         self._cache_lock = threading.Lock()
         self._cache: tuple[float, list[Sample]] = (float("-inf"), [])
-        self._attributes: dict[int, dict[str, Any]] = {}
+        #: Attribute dicts by (pool, scheme, address, port): built once, reused per request.
+        self._attributes: dict[tuple[str, str, str, int], dict[str, Any]] = {}
         self._watches: list[ClientWatch] = []
         for spec in c.CATALOGUE:
             if spec.kind == "histogram":
@@ -224,9 +230,11 @@ class _OtelExporter:
             hooks.on_start = on_start
 
     def _origin_attributes(self, origin: OriginStats, pool_name: str) -> dict[str, Any]:
-        key = id(origin)
+        key = (pool_name, origin.scheme, origin.address, origin.port)
         attributes = self._attributes.get(key)
         if attributes is None:
+            if len(self._attributes) >= _ATTRIBUTE_CACHE_SIZE:
+                self._attributes.clear()  # pools come and go; stay bounded
             attributes = {
                 "pool.name": pool_name,
                 "server.address": origin.address,
@@ -236,34 +244,49 @@ class _OtelExporter:
             self._attributes[key] = attributes
         return attributes
 
+    def _state(self, rec: RequestRecord) -> _Enriched | None:
+        """This exporter's span state of a request (several exporters may be enabled)."""
+        states = rec.extra
+        if not isinstance(states, dict):
+            return None
+        state = states.get(self)
+        return state if isinstance(state, _Enriched) else None
+
+    def _set_state(self, rec: RequestRecord, state: _Enriched) -> None:
+        states = rec.extra
+        if not isinstance(states, dict):
+            states = rec.extra = {}
+        states[self] = state
+
     def _on_start(self, rec: RequestRecord, request: Any, pool_name: str) -> None:
         current = trace.get_current_span()
         if current.is_recording() and _is_http_client_span(current):
-            rec.extra = _Enriched(current, pool_name)
+            self._set_state(rec, _Enriched(current, pool_name))
             return
         method, url = _method_and_url(request)
         attributes: dict[str, Any] = {
-            "http.request.method": method,
+            "http.request.method": method if method in _KNOWN_METHODS else "_OTHER",
             "server.address": rec.origin.address,
             "server.port": rec.origin.port,
             "url.full": redact_url(url, self._sensitive_keys),
             "url.scheme": rec.origin.scheme,
-            "pool.name": pool_name,
         }
+        if method not in _KNOWN_METHODS:
+            attributes["http.request.method_original"] = method
         for name in self._request_headers:
             value = _header(request, name)
             if value is not None:
                 attributes[f"http.request.header.{name}"] = [value]
         span = self._tracer.start_span(
-            method,
+            method if method in _KNOWN_METHODS else "HTTP",
             kind=SpanKind.CLIENT,
             attributes=attributes,
             start_time=_ns(rec.t_start),
         )
-        rec.extra = _Owned(span, pool_name)
+        self._set_state(rec, _Owned(span, pool_name))
 
     def _on_headers(self, rec: RequestRecord) -> None:
-        state = rec.extra
+        state = self._state(rec)
         if isinstance(state, _Owned):
             span = state.span
             if rec.status is not None:
@@ -291,7 +314,7 @@ class _OtelExporter:
             self._record_phases(rec, attributes)
         if rec.t_end is not None:
             self._histograms[c.REQUEST_DURATION].record(rec.t_end - rec.t_start, attributes)
-        state = rec.extra
+        state = self._state(rec)
         if isinstance(state, _Owned):
             span = state.span
             _add_pool_attributes(span, rec, state.pool_name)
@@ -364,7 +387,10 @@ def _method_and_url(request: Any) -> tuple[str, str]:
     if isinstance(method, bytes):  # an httpcore Request
         url = request.url
         port = f":{url.port}" if url.port is not None else ""
-        full = f"{url.scheme.decode()}://{url.host.decode()}{port}{url.target.decode()}"
+        host = url.host.decode()
+        if ":" in host:  # an IPv6 address
+            host = f"[{host}]"
+        full = f"{url.scheme.decode()}://{host}{port}{url.target.decode()}"
         return method.decode(), full
     return str(method), str(request.url)
 

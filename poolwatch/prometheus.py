@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -35,7 +36,8 @@ from ._samples import samples
 __all__ = ["PoolCollector", "enable", "start_http_server"]
 
 _lock = threading.Lock()
-_enabled: dict[int, object] = {}
+#: Registries poolwatch is on (weakly: a collected registry's id may come back).
+_enabled: weakref.WeakKeyDictionary[CollectorRegistry, object] = weakref.WeakKeyDictionary()
 
 
 class PoolCollector:
@@ -69,16 +71,16 @@ def enable(registry: CollectorRegistry | None = None) -> None:
     """
     registry = REGISTRY if registry is None else registry
     with _lock:
-        if id(registry) in _enabled:
+        if registry in _enabled:
             return
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             from ._multiprocess import MultiprocessPusher  # noqa: PLC0415
 
-            _enabled[id(registry)] = MultiprocessPusher.start(registry)
+            _enabled[registry] = MultiprocessPusher.start(registry)
             return
         collector = PoolCollector()
         registry.register(collector)
-        _enabled[id(registry)] = collector
+        _enabled[registry] = collector
 
 
 def start_http_server(
