@@ -1,0 +1,626 @@
+"""poolwatch's other costs: /metrics render time, snapshot() cost, memory over many requests.
+
+    python bench/micro.py                       # everything, 1,000,000 requests for memory
+    python bench/micro.py --requests 50000      # a shorter memory run
+    python bench/micro.py --part render         # one part only (render, snapshot, memory)
+
+Starts ``server.py`` bound to 127.0.0.1 ... 127.0.0.5 on one port (five distinct origins, all
+loopback), runs each part in a fresh process and prints a markdown section, which replaces the
+previous micro section of ``bench/results/latest.md`` (or is appended to it).
+
+render
+    100 instrumented ``AsyncClient`` pools (``--pools``), each with traffic to the 5 origins,
+    so 500 per-origin series groups; ``poolwatch.prometheus.enable(registry)`` on a private
+    registry; the time of ``generate_latest(registry)``, median [min..max] over repeats, with
+    poolwatch's own share (the collector's ``collect()``: snapshots and samples) apart from
+    prometheus_client's text formatting. Also the OTel side: one ``get_metrics_data()`` of an
+    InMemoryMetricReader with ``poolwatch.otel.enable()`` for the same pools.
+snapshot
+    ``poolwatch.snapshot(client)`` for one pool with 5 origins and 20 open connections.
+memory
+    one instrumented client with Prometheus enabled (scraped every 10,000 requests, as a
+    server would be) sends ``--requests`` requests round-robin over the 5 origins; tracemalloc
+    (started before the client is made) current size and the process RSS after 10,000
+    requests and at the end, the growth, and the allocation sites that grew most.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import logging
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import timeit
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)  # measure the working tree's poolwatch
+
+ORIGIN_HOSTS = [f"127.0.0.{i}" for i in range(1, 6)]
+MARK_START = "<!-- micro.py: start -->"
+MARK_END = "<!-- micro.py: end -->"
+CHECKPOINT = 10_000
+
+
+def _hx(family: str) -> Any:
+    import importlib  # noqa: PLC0415
+
+    return importlib.import_module(family)
+
+
+def _client(family: str, limit: int) -> Any:
+    hx = _hx(family)
+    transport = hx.AsyncHTTPTransport(
+        limits=hx.Limits(max_connections=limit, max_keepalive_connections=limit)
+    )
+    return hx.AsyncClient(transport=transport)
+
+
+def _urls(port: int) -> list[str]:
+    return [f"http://{host}:{port}/" for host in ORIGIN_HOSTS]
+
+
+async def _get(client: Any, url: str) -> None:
+    r = await client.get(url)
+    if r.status_code != 200 or len(r.content) != 73:
+        raise RuntimeError(f"bad response from {url}: {r.status_code}, {len(r.content)} bytes")
+
+
+def _stats(samples: list[float]) -> dict[str, float]:
+    s = sorted(samples)
+    return {"median": statistics.median(s), "min": s[0], "max": s[-1]}
+
+
+# -- render --------------------------------------------------------------------------------
+
+
+async def part_render(args: argparse.Namespace) -> dict[str, Any]:
+    from opentelemetry.sdk.metrics import MeterProvider  # noqa: PLC0415
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader  # noqa: PLC0415
+    from prometheus_client import CollectorRegistry, generate_latest  # noqa: PLC0415
+
+    import poolwatch  # noqa: PLC0415
+    import poolwatch.otel  # noqa: PLC0415
+    import poolwatch.prometheus  # noqa: PLC0415
+
+    urls = _urls(args.port)
+    clients = []
+    for i in range(args.pools):
+        client = _client(args.family, 10)
+        poolwatch.instrument(client, name=f"pool-{i:03d}")
+        clients.append(client)
+    # Traffic: every pool calls every origin, two at a time per origin (two connections each).
+    for client in clients:
+        await asyncio.gather(
+            *(
+                _get(client, url)
+                for _ in range(args.per_origin // 2)
+                for url in urls
+                for _ in (0, 1)
+            )
+        )
+    requests = sum(poolwatch.snapshot(c).requests_total for c in clients)
+    connections = sum(
+        poolwatch.snapshot(c).idle_connections + poolwatch.snapshot(c).active_connections
+        for c in clients
+    )
+    origins = sum(len(poolwatch.snapshot(c).origins) for c in clients)
+
+    registry = CollectorRegistry()
+    poolwatch.prometheus.enable(registry)
+    first_t0 = time.perf_counter()
+    text = generate_latest(registry)
+    first = time.perf_counter() - first_t0
+    walls, cpus = [], []
+    for _ in range(args.repeats):
+        w0, c0 = time.perf_counter(), time.process_time()
+        text = generate_latest(registry)
+        walls.append((time.perf_counter() - w0) * 1e3)
+        cpus.append((time.process_time() - c0) * 1e3)
+    collector = poolwatch.prometheus.PoolCollector()
+    collect_ms = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        families = list(collector.collect())
+        collect_ms.append((time.perf_counter() - t0) * 1e3)
+    series = sum(len(f.samples) for f in families)
+    lines = [ln for ln in text.decode().splitlines() if ln and not ln.startswith("#")]
+    pool_names = set(re.findall(r'pool_name="([^"]+)"', text.decode()))
+
+    reader = InMemoryMetricReader()
+    poolwatch.otel.enable(MeterProvider(metric_readers=[reader]), spans=False)
+    otel_ms = []
+    for _ in range(max(args.repeats // 2, 3)):
+        time.sleep(0.25)  # poolwatch.otel reuses one reading for 0.2 s
+        t0 = time.perf_counter()
+        reader.get_metrics_data()
+        otel_ms.append((time.perf_counter() - t0) * 1e3)
+
+    for client in clients:
+        await client.aclose()
+    return {
+        "part": "render",
+        "family": args.family,
+        "pools": args.pools,
+        "origins_total": origins,
+        "requests": requests,
+        "open_connections": connections,
+        "pools_in_output": len(pool_names),
+        "bytes": len(text),
+        "sample_lines": len(lines),
+        "collector_samples": series,
+        "first_render_ms": first * 1e3,
+        "render_wall_ms": _stats(walls),
+        "render_cpu_ms": _stats(cpus),
+        "collect_ms": _stats(collect_ms),
+        "otel_collect_ms": _stats(otel_ms),
+        "repeats": args.repeats,
+    }
+
+
+# -- snapshot ------------------------------------------------------------------------------
+
+
+async def part_snapshot(args: argparse.Namespace) -> dict[str, Any]:
+    from prometheus_client import CollectorRegistry, generate_latest  # noqa: PLC0415
+
+    import poolwatch  # noqa: PLC0415
+    import poolwatch.prometheus  # noqa: PLC0415
+
+    urls = _urls(args.port)
+    client = _client(args.family, 20)
+    poolwatch.instrument(client, name="snapshot")
+    # 20 requests at once, 4 per origin, on an empty pool: 20 connections.
+    for _ in range(3):
+        await asyncio.gather(*(_get(client, url) for url in urls for _ in range(4)))
+    snap = poolwatch.snapshot(client)
+    number = 2000
+    per_call = [
+        t / number * 1e6
+        for t in timeit.repeat(lambda: poolwatch.snapshot(client), number=number, repeat=7)
+    ]
+    registry = CollectorRegistry()
+    poolwatch.prometheus.enable(registry)
+    generate_latest(registry)
+    render = [
+        t / 50 * 1e3 for t in timeit.repeat(lambda: generate_latest(registry), number=50, repeat=5)
+    ]
+    await client.aclose()
+    return {
+        "part": "snapshot",
+        "family": args.family,
+        "origins": len(snap.origins),
+        "open_connections": snap.idle_connections + snap.active_connections,
+        "requests": snap.requests_total,
+        "snapshot_us": _stats(per_call),
+        "render_one_pool_ms": _stats(render),
+        "calls_per_repeat": number,
+    }
+
+
+# -- memory --------------------------------------------------------------------------------
+
+
+def _rss_kib() -> dict[str, int]:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, value = line.split(":", 1)
+                out[key] = int(value.split()[0])
+    return out
+
+
+async def part_memory(args: argparse.Namespace) -> dict[str, Any]:
+    import tracemalloc  # noqa: PLC0415
+
+    from prometheus_client import CollectorRegistry, generate_latest  # noqa: PLC0415
+
+    import poolwatch  # noqa: PLC0415
+    import poolwatch.prometheus  # noqa: PLC0415
+
+    urls = _urls(args.port)
+    traced = args.frames > 0
+    if traced:
+        tracemalloc.start(args.frames)
+    client = _client(args.family, len(urls))
+    poolwatch.instrument(client, name="memory")
+    registry = CollectorRegistry()
+    poolwatch.prometheus.enable(registry)
+
+    total = args.requests
+    sent = 0
+    checkpoints: list[dict[str, Any]] = []
+    marks = sorted(
+        {CHECKPOINT, *(m for m in (100_000, total // 2) if CHECKPOINT < m < total), total}
+    )
+    first_dump = os.path.join(tempfile.mkdtemp(prefix="poolwatch-micro-"), "first.snapshot")
+    t_start = time.perf_counter()
+
+    async def run_until(limit: int) -> None:
+        async def worker(url: str) -> None:
+            nonlocal sent
+            while sent < limit:
+                sent += 1
+                await _get(client, url)
+
+        await asyncio.gather(*(worker(url) for url in urls))
+
+    for mark in marks:
+        while sent < mark:
+            await run_until(min(mark, (sent // CHECKPOINT + 1) * CHECKPOINT))
+            generate_latest(registry)  # a scrape every 10,000 requests, as a server would
+        gc.collect()
+        if mark == CHECKPOINT and traced:
+            # Before the reading, so that both RSS readings come after the memory a snapshot
+            # takes (freed, but not all given back to the OS); on disk, not held in memory.
+            tracemalloc.take_snapshot().dump(first_dump)
+            gc.collect()
+        current, peak = tracemalloc.get_traced_memory() if traced else (None, None)
+        s = poolwatch.snapshot(client)
+        checkpoints.append(
+            {
+                "requests": sent,
+                "elapsed_s": round(time.perf_counter() - t_start, 1),
+                "tracemalloc_current": current,
+                "tracemalloc_peak": peak,
+                "tracemalloc_own": tracemalloc.get_tracemalloc_memory() if traced else None,
+                **_rss_kib(),
+                "allocated_blocks": sys.getallocatedblocks(),
+                "gc_objects": len(gc.get_objects()),
+                "pw_requests_total": s.requests_total,
+                "pw_active_requests": s.active_requests,
+                "pw_leaked": s.leaked_responses_total,
+            }
+        )
+        print(json.dumps({"checkpoint": checkpoints[-1]}), file=sys.stderr, flush=True)
+    top: list[dict[str, Any]] = []
+    poolwatch_growth = None
+    if traced:
+        snap_last = tracemalloc.take_snapshot()
+        snap_first = tracemalloc.Snapshot.load(first_dump)
+        os.unlink(first_dump)
+        filters = [tracemalloc.Filter(False, tracemalloc.__file__)]
+        diff = snap_last.filter_traces(filters).compare_to(
+            snap_first.filter_traces(filters), "lineno"
+        )
+        top = [
+            {
+                "site": f"{_short(d.traceback[0].filename)}:{d.traceback[0].lineno}",
+                "size_diff": d.size_diff,
+                "count_diff": d.count_diff,
+            }
+            for d in diff[:8]
+            if d.size_diff > 0
+        ]
+        poolwatch_growth = sum(
+            d.size_diff
+            for d in snap_last.compare_to(snap_first, "filename")
+            if _short(d.traceback[0].filename).startswith("poolwatch/")
+        )
+    os.rmdir(os.path.dirname(first_dump))
+    core = poolwatch._api._lookup(client).core
+    internals = {
+        "inflight_records": len(core._inflight),
+        "connection_records": len(core.conns),
+        "origins": len(core._origins),
+    }
+    wall = time.perf_counter() - t_start
+    await client.aclose()
+    if traced:
+        tracemalloc.stop()
+    return {
+        "part": "memory",
+        "family": args.family,
+        "requests": sent,
+        "wall_s": round(wall, 1),
+        "req_per_s": round(sent / wall, 1),
+        "checkpoints": checkpoints,
+        "top_growth": top,
+        "poolwatch_files_growth": poolwatch_growth,
+        "poolwatch_internals": internals,
+        "tracemalloc_frames": args.frames,
+    }
+
+
+def _short(path: str) -> str:
+    for marker in ("site-packages/", ROOT + "/"):
+        if marker in path:
+            return path.split(marker, 1)[1]
+    return path
+
+
+class _PrintErrors(logging.Handler):
+    """poolwatch's saturation warnings are expected here (pools run at their limit): keep
+    them off the terminal, but show its errors."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.ERROR:
+            print(self.format(record), file=sys.stderr)
+
+
+def _quiet_poolwatch_log() -> None:
+    logging.getLogger("poolwatch").addHandler(_PrintErrors())
+
+
+# -- orchestration -------------------------------------------------------------------------
+
+
+def start_server() -> tuple[subprocess.Popen[str], int]:
+    cmd = [sys.executable, os.path.join(HERE, "server.py")]
+    for host in ORIGIN_HOSTS:
+        cmd += ["--host", host]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    port = int(proc.stdout.readline())
+    proc.stdout.readline()
+    return proc, port
+
+
+def run_child(part: str, family: str, port: int, args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        part,
+        "--family",
+        family,
+        "--port",
+        str(port),
+        "--requests",
+        str(args.requests),
+        "--pools",
+        str(args.pools),
+        "--repeats",
+        str(args.repeats),
+        "--per-origin",
+        str(args.per_origin),
+        "--frames",
+        str(args.frames),
+    ]
+    print(f"micro: {part} ({family}) ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"part": part, "family": family, "failed": True, "returncode": proc.returncode}
+    result: dict[str, Any] = json.loads(lines[-1])
+    result["process_wall_s"] = round(time.perf_counter() - t0, 1)
+    return result
+
+
+def _mr(s: dict[str, float], fmt: str) -> str:
+    return f"{format(s['median'], fmt)} [{format(s['min'], fmt)}..{format(s['max'], fmt)}]"
+
+
+def render_markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    out = [MARK_START, "", "## Micro-measurements (`bench/micro.py`)", ""]
+    out.append(
+        f"Run {meta['started']} ({meta['duration_s'] / 60:.1f} min): `{meta['command']}`; "
+        f"load average at start {meta['loadavg']}. Server: one process bound to "
+        f"{', '.join(ORIGIN_HOSTS)} on one port (5 origins)."
+    )
+    out.append("")
+    failed = [r for r in results if r.get("failed")]
+    for r in failed:
+        out.append(f"- **{r['part']} ({r['family']}) failed** (exit {r.get('returncode')})")
+    renders = [r for r in results if r["part"] == "render" and not r.get("failed")]
+    if renders:
+        out.append("### `/metrics` render: `generate_latest()` with poolwatch enabled")
+        out.append("")
+        out.append(
+            "| family | pools x origins | open conns | output | render wall ms | render CPU ms "
+            "| of which poolwatch `collect()` ms | first render ms | OTel `get_metrics_data()` ms "
+            "| target ≤ 20 ms |"
+        )
+        out.append("|---|---|---|---|---|---|---|---|---|---|")
+        for r in renders:
+            ok = "met" if r["render_wall_ms"]["median"] <= 20 else "**not met**"
+            out.append(
+                f"| {r['family']} | {r['pools']} x {r['origins_total'] // max(r['pools'], 1)} "
+                f"({r['pools_in_output']} pools in output) | {r['open_connections']} "
+                f"| {r['bytes'] / 1e6:.2f} MB, {r['sample_lines']:,} lines "
+                f"| {_mr(r['render_wall_ms'], '.1f')} | {_mr(r['render_cpu_ms'], '.1f')} "
+                f"| {_mr(r['collect_ms'], '.1f')} | {r['first_render_ms']:.1f} "
+                f"| {_mr(r['otel_collect_ms'], '.1f')} | {ok} |"
+            )
+        out.append("")
+        out.append(f"Median [min..max] over {renders[0]['repeats']} renders.")
+        out.append("")
+    snaps = [r for r in results if r["part"] == "snapshot" and not r.get("failed")]
+    if snaps:
+        out.append("### `poolwatch.snapshot()`: one pool, 5 origins, 20 open connections")
+        out.append("")
+        out.append(
+            "| family | origins | open conns | µs per call | one pool's `/metrics` render ms |"
+        )
+        out.append("|---|---|---|---|---|")
+        for r in snaps:
+            out.append(
+                f"| {r['family']} | {r['origins']} | {r['open_connections']} "
+                f"| {_mr(r['snapshot_us'], '.1f')} | {_mr(r['render_one_pool_ms'], '.2f')} |"
+            )
+        out.append("")
+        out.append(
+            f"Median [min..max] over 7 repeats of {snaps[0]['calls_per_repeat']:,} calls "
+            "(render: 5 repeats of 50)."
+        )
+        out.append("")
+    mems = [r for r in results if r["part"] == "memory" and not r.get("failed")]
+    for r in mems:
+        first, last = r["checkpoints"][0], r["checkpoints"][-1]
+        traced = r["tracemalloc_frames"] > 0
+        out.append(
+            f"### Memory: one instrumented {r['family']} client + Prometheus, "
+            f"{r['requests']:,} requests"
+        )
+        out.append("")
+        out.append(
+            f"{r['wall_s'] / 60:.1f} min at {r['req_per_s']:,.0f} req/s "
+            + (
+                f"under tracemalloc ({r['tracemalloc_frames']} frame(s), started before the "
+                "client was made; it slows requests about 3x)"
+                if traced
+                else "without tracemalloc"
+            )
+            + "; 5 workers round-robin over the 5 origins, a scrape every 10,000 requests, "
+            "`gc.collect()` before each reading. RSS includes tracemalloc's own tables "
+            '(column "tracemalloc own") and, from the first reading on, what its snapshot of '
+            "that moment took (freed, but not all returned to the OS)."
+        )
+        out.append("")
+        out.append(
+            "| after requests | tracemalloc current | tracemalloc own | RSS | RSS peak "
+            "| allocated blocks | gc objects | poolwatch requests_total / active / leaked |"
+        )
+        out.append("|---|---|---|---|---|---|---|---|")
+
+        def kib(v: int | None) -> str:
+            return "-" if v is None else f"{v / 1024:,.0f} KiB"
+
+        for cp in r["checkpoints"]:
+            out.append(
+                f"| {cp['requests']:,} | {kib(cp['tracemalloc_current'])} "
+                f"| {kib(cp['tracemalloc_own'])} "
+                f"| {cp['VmRSS'] / 1024:,.1f} MiB | {cp['VmHWM'] / 1024:,.1f} MiB "
+                f"| {cp['allocated_blocks']:,} | {cp['gc_objects']:,} "
+                f"| {cp['pw_requests_total']:,} / {cp['pw_active_requests']} / {cp['pw_leaked']} |"
+            )
+        extra = max(last["requests"] - first["requests"], 1)
+        grow_rss = (last["VmRSS"] - first["VmRSS"]) * 1024
+        if traced:
+            grow_tm = last["tracemalloc_current"] - first["tracemalloc_current"]
+            tm = f"**{grow_tm / 1024:+,.0f} KiB** ({grow_tm / extra:+.3f} B/request)"
+            own = f"{(last['tracemalloc_own'] - first['tracemalloc_own']) / 1024:+,.0f} KiB"
+        else:
+            tm = own = "-"
+        out.append(
+            f"| **growth {first['requests']:,} → {last['requests']:,}** | {tm} | {own} "
+            f"| **{grow_rss / 1024 / 1024:+,.1f} MiB** | "
+            f"| {last['allocated_blocks'] - first['allocated_blocks']:+,} "
+            f"| {last['gc_objects'] - first['gc_objects']:+,} | |"
+        )
+        out.append("")
+        out.append(f"poolwatch's internal records at the end: {r['poolwatch_internals']}.")
+        if traced:
+            out.append(
+                f"Growth of live allocations made in poolwatch's own files: "
+                f"{r['poolwatch_files_growth'] / 1024:+,.1f} KiB. Allocation sites that grew "
+                f"most ({first['requests']:,} requests → end):"
+            )
+            out.append("")
+            for t in r["top_growth"][:5]:
+                out.append(
+                    f"- `{t['site']}`: {t['size_diff'] / 1024:+,.1f} KiB "
+                    f"({t['count_diff']:+,} blocks)"
+                )
+        out.append("")
+    out.append(MARK_END)
+    return "\n".join(out) + "\n"
+
+
+def write_section(path: str, section: str) -> None:
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        text = ""
+    if MARK_START in text and MARK_END in text:
+        before, rest = text.split(MARK_START, 1)
+        after = rest.split(MARK_END, 1)[1].lstrip("\n")
+        text = before + section + after
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + section
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--requests", type=int, default=1_000_000, help="memory part: requests (default 1M)"
+    )
+    parser.add_argument("--part", choices=["all", "render", "snapshot", "memory"], default="all")
+    parser.add_argument(
+        "--family",
+        choices=["httpx", "httpx2", "both"],
+        default="both",
+        help="render and snapshot: which client stack (default both)",
+    )
+    parser.add_argument(
+        "--memory-family",
+        choices=["httpx", "httpx2"],
+        default="httpx",
+        help="the memory part's client stack (default httpx)",
+    )
+    parser.add_argument("--pools", type=int, default=100)
+    parser.add_argument("--per-origin", type=int, default=10, help="render: requests per origin")
+    parser.add_argument("--repeats", type=int, default=20, help="render: repeats")
+    parser.add_argument(
+        "--frames",
+        type=int,
+        default=1,
+        help="memory: tracemalloc frames per trace; 0 = no tracemalloc (RSS only, ~3x faster)",
+    )
+    parser.add_argument("--output", default=os.path.join(HERE, "results", "latest.md"))
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--child", choices=["render", "snapshot", "memory"], help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child:
+        _quiet_poolwatch_log()
+        fn = {"render": part_render, "snapshot": part_snapshot, "memory": part_memory}[args.child]
+        print(json.dumps(asyncio.run(fn(args))), flush=True)
+        return
+
+    if args.requests < 2 * CHECKPOINT:
+        parser.error(
+            f"--requests must be at least {2 * CHECKPOINT:,} (the first reading is at "
+            f"{CHECKPOINT:,})"
+        )
+    families = ["httpx", "httpx2"] if args.family == "both" else [args.family]
+    parts = ["render", "snapshot", "memory"] if args.part == "all" else [args.part]
+    t0 = time.perf_counter()
+    with open("/proc/loadavg") as f:
+        loadavg = " ".join(f.read().split()[:3])
+    meta = {
+        "started": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "command": " ".join(["python", "bench/micro.py", *sys.argv[1:]]),
+        "loadavg": loadavg,
+    }
+    server, port = start_server()
+    results = []
+    try:
+        for part in parts:
+            for family in [args.memory_family] if part == "memory" else families:
+                results.append(run_child(part, family, port, args))
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    meta["duration_s"] = time.perf_counter() - t0
+    section = render_markdown(results, meta)
+    print(section)
+    if not args.no_write:
+        write_section(args.output, section)
+        print(f"micro: wrote its section of {args.output}", file=sys.stderr)
+        with open(os.path.join(os.path.dirname(args.output), "micro.jsonl"), "w") as f:
+            for r in results:
+                f.write(json.dumps(r) + "\n")
+    if any(r.get("failed") for r in results):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
