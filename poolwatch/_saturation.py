@@ -124,6 +124,11 @@ def _event(
                 "slot of the one connection (the server's concurrent-stream limit); lower the "
                 "concurrency, spread it over more clients, or use HTTP/1.1."
             )
+        elif snap.pending_requests == 0:
+            advice = (
+                "Every connection is busy, so the next request will wait: raise "
+                "max_connections (httpx.Limits) if the load grows."
+            )
         else:
             advice = (
                 "Requests queue for a connection: raise max_connections (httpx.Limits), lower "

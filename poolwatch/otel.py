@@ -12,7 +12,7 @@ Spans: when another instrumentation already made the HTTP CLIENT span of the req
 (opentelemetry-instrumentation-httpx, or a span of the caller's with ``http.request.method``),
 poolwatch never makes a second one. It adds to that span: attributes for the queue wait,
 reuse, connect and TLS time, and an INTERNAL child span ``wait_for_connection`` (as .NET
-does) for requests that waited at least 1 ms. Otherwise poolwatch makes the CLIENT span
+does) for requests that waited at least 5 ms. Otherwise poolwatch makes the CLIENT span
 itself: it starts when the request enters the pool and **ends when the response is closed**,
 so a streamed LLM response's span covers the whole stream (minutes); ``http.response.headers``
 marks when the headers came. A cancellation is not an error.
@@ -47,7 +47,9 @@ _KNOWN_METHODS = frozenset(
 _ATTRIBUTE_CACHE_SIZE = 4096
 
 #: Queue waits shorter than this get attributes but no ``wait_for_connection`` child span.
-WAIT_SPAN_THRESHOLD = 0.001
+#: httpcore 1.x yields to the event loop once even when a connection is free, so on a busy
+#: loop a request "waits" a few milliseconds that say nothing about the pool.
+WAIT_SPAN_THRESHOLD = 0.005
 
 _lock = threading.Lock()
 _enabled: list[_OtelExporter] = []

@@ -386,7 +386,7 @@ def wait_spans(spans: list[ReadableSpan]) -> list[ReadableSpan]:
 
 
 def assert_wait_spans_match_the_queue(spans: list[ReadableSpan]) -> int:
-    """Each CLIENT span that queued >= 1 ms has exactly one wait child covering the queue
+    """Each CLIENT span that queued >= WAIT_SPAN_THRESHOLD has exactly one wait child covering the queue
     time, and no other has one. Returns how many queued."""
     waits = wait_spans(spans)
     queued = 0
