@@ -386,8 +386,8 @@ def wait_spans(spans: list[ReadableSpan]) -> list[ReadableSpan]:
 
 
 def assert_wait_spans_match_the_queue(spans: list[ReadableSpan]) -> int:
-    """Each CLIENT span that queued >= WAIT_SPAN_THRESHOLD has exactly one wait child covering the queue
-    time, and no other has one. Returns how many queued."""
+    """Each CLIENT span that queued at least WAIT_SPAN_THRESHOLD has exactly one wait child
+    covering the queue time, and no other has one. Returns how many queued."""
     waits = wait_spans(spans)
     queued = 0
     for span in client_spans(spans):
