@@ -109,3 +109,30 @@ def _park_the_saturation_sampler() -> None:
     import poolwatch._saturation
 
     poolwatch._saturation.SAMPLE_INTERVAL = 3600.0
+
+
+# --------------------------------------------------------------------------------------------
+# Hypothesis profiles (tests/test_randomized.py): "ci" by default, "dev" for long runs with
+# `pytest --hypothesis-profile=dev`. Registered here, not in the test module, because the
+# Hypothesis plugin loads the profile named on the command line before test modules import.
+# --------------------------------------------------------------------------------------------
+
+from hypothesis import HealthCheck, Phase, settings  # noqa: E402
+
+_HYPOTHESIS_COMMON: dict[str, Any] = {
+    "deadline": None,  # a workload's duration is the server's and the network's, not ours
+    "suppress_health_check": [HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    "print_blob": True,
+}
+# Reproducible examples, few enough to stay within about a minute; no shrinking, so that a
+# failure is reported at once rather than after minutes of shrinking real I/O.
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    max_examples=100,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
+    **_HYPOTHESIS_COMMON,
+)
+# Fresh random examples each run, many more, shrunk to a minimal failing workload.
+settings.register_profile("dev", max_examples=400, **_HYPOTHESIS_COMMON)
+settings.load_profile("ci")
