@@ -1,0 +1,169 @@
+"""Cardinality: a client that calls thousands of distinct hosts keeps a bounded number of
+series per pool. The first ``max_origins`` (default 50) origins get their own series; every
+further one is counted under ``server_address="_other"``, and the overflow is logged once.
+
+Real traffic to thousands of hosts without DNS: the loopback server is also a forward proxy
+(it answers absolute-form targets itself), so ``http://h123.test/ok`` through
+``proxy=server.url`` is a distinct origin for httpcore and for poolwatch, and the server's
+counters stay ground truth. httpcore opens one proxy connection per origin, so each host
+costs a TCP connection; a direct ``PoolCore`` run covers a hundred thousand origins.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from truth import wait_until
+
+import poolwatch
+import poolwatch.prometheus
+from poolwatch._core import OVERFLOW_ADDRESS, PoolCore
+from poolwatch._loopback import LoopbackServer
+
+HOSTS = 1000
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    registry = CollectorRegistry()
+    poolwatch.prometheus.enable(registry)
+    return registry
+
+
+def overflow_records(caplog: pytest.LogCaptureFixture, pool: str) -> list[logging.LogRecord]:
+    return [
+        r
+        for r in caplog.records
+        if r.name == "poolwatch" and "distinct origins" in r.getMessage() and r.args[0] == pool  # type: ignore[index]
+    ]
+
+
+def series(registry: CollectorRegistry, pool: str) -> list[tuple[str, dict[str, str], float]]:
+    """Every sample of the pool in the exposition, as (name, labels, value)."""
+    text = generate_latest(registry).decode()
+    return [
+        (s.name, dict(s.labels), s.value)
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.labels.get("pool_name") == pool
+    ]
+
+
+def call_hosts(client: Any, hosts: range) -> None:
+    for i in hosts:
+        response = client.get(f"http://h{i}.test/ok")
+        assert response.json()["path"] == "/ok"
+
+
+def test_a_thousand_hosts_make_fifty_origins_and_one_other_with_every_request_counted(
+    hx: Any,
+    loopback_server: LoopbackServer,
+    registry: CollectorRegistry,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="poolwatch")
+    proxy = loopback_server
+    with hx.Client(proxy=proxy.url, limits=hx.Limits(max_connections=8)) as client:
+        poolwatch.instrument(client, name="many-hosts")
+        call_hosts(client, range(60))
+        after_sixty = series(registry, "many-hosts")
+        call_hosts(client, range(60, HOSTS))
+        after_all = series(registry, "many-hosts")
+        snap = poolwatch.snapshot(client)
+        wait_until(lambda: proxy.stats.open_connections == snap.idle_connections)
+
+    # 50 origins of their own, in the order they were first called, and the rest together.
+    addresses = [o.address for o in snap.origins]
+    assert addresses == [f"h{i}.test" for i in range(50)] + [OVERFLOW_ADDRESS]
+    per_origin = {o.address: o.requests_new + o.requests_reused for o in snap.origins}
+    assert per_origin[OVERFLOW_ADDRESS] == HOSTS - 50
+    assert all(per_origin[f"h{i}.test"] == 1 for i in range(50))
+    # Nothing is lost to the bound: the totals are the server's.
+    assert snap.requests_total == HOSTS == proxy.stats.requests
+    assert snap.connections_created_total == HOSTS == proxy.stats.accepted_connections
+    assert sum(o.request_duration.count for o in snap.origins) == HOSTS
+
+    # The exposition stops growing at the bound: 940 more hosts, not one more series.
+    assert len(after_all) == len(after_sixty)
+    assert Counter(s[0] for s in after_all) == Counter(s[0] for s in after_sixty)
+    exported = {
+        labels["server_address"] for _, labels, _ in after_all if "server_address" in labels
+    }
+    assert exported == {f"h{i}.test" for i in range(50)} | {OVERFLOW_ADDRESS}
+    other = [
+        value
+        for name, labels, value in after_all
+        if name == "poolwatch_pool_requests_total"
+        and labels.get("server_address") == OVERFLOW_ADDRESS
+    ]
+    assert sum(other) == HOSTS - 50
+
+    # Said once, however many origins overflowed.
+    (warning,) = overflow_records(caplog, "many-hosts")
+    assert warning.levelno == logging.WARNING
+    assert "max_origins" in warning.getMessage()
+
+
+def test_a_lower_max_origins_bounds_the_series_at_that_limit_and_warns_once(
+    hx: Any,
+    loopback_server: LoopbackServer,
+    registry: CollectorRegistry,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="poolwatch")
+    with hx.Client(proxy=loopback_server.url) as client:
+        poolwatch.instrument(client, name="five-origins", max_origins=5)
+        call_hosts(client, range(40))
+        call_hosts(client, range(40))  # the same hosts again: no new series, no new warning
+        snap = poolwatch.snapshot(client)
+        exported = series(registry, "five-origins")
+    assert [o.address for o in snap.origins] == [f"h{i}.test" for i in range(5)] + ["_other"]
+    assert snap.requests_total == 80 == loopback_server.stats.requests
+    assert {labels.get("server_address") for _, labels, _ in exported} - {None} == {
+        *(f"h{i}.test" for i in range(5)),
+        OVERFLOW_ADDRESS,
+    }
+    assert len(overflow_records(caplog, "five-origins")) == 1
+
+
+def test_each_pool_has_its_own_bound_and_its_own_warning(
+    hx: Any, loopback_server: LoopbackServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="poolwatch")
+    with (
+        hx.Client(proxy=loopback_server.url) as a,
+        hx.Client(proxy=loopback_server.url) as b,
+    ):
+        poolwatch.instrument(a, name="pool-a", max_origins=3)
+        poolwatch.instrument(b, name="pool-b", max_origins=3)
+        call_hosts(a, range(10))
+        call_hosts(b, range(100, 110))
+        snap_a, snap_b = poolwatch.snapshot(a), poolwatch.snapshot(b)
+    assert [o.address for o in snap_a.origins] == ["h0.test", "h1.test", "h2.test", "_other"]
+    assert [o.address for o in snap_b.origins] == ["h100.test", "h101.test", "h102.test", "_other"]
+    assert len(overflow_records(caplog, "pool-a")) == 1
+    assert len(overflow_records(caplog, "pool-b")) == 1
+
+
+def test_the_core_keeps_its_bound_over_a_hundred_thousand_origins() -> None:
+    overflowed: list[PoolCore] = []
+    core = PoolCore("core", max_origins=50, on_origin_overflow=overflowed.append)
+    for i in range(100_000):
+        origin = core.origin((b"https", f"h{i}.test".encode(), 443))
+        rec = core.start(origin)
+        core.finish(rec)
+    snap = core.snapshot()
+    assert len(snap.origins) == 51
+    assert snap.origins[-1].address == OVERFLOW_ADDRESS
+    assert snap.origins[-1].request_duration.count == 100_000 - 50
+    assert sum(o.request_duration.count for o in snap.origins) == 100_000
+    assert (snap.active_requests, snap.pending_requests) == (0, 0)
+    assert overflowed == [core]  # the overflow callback ran once
+    # An origin that already has its series keeps it after the overflow.
+    assert core.origin((b"https", b"h7.test", 443)).address == "h7.test"
+    assert core.origin((b"https", b"h7.test", None)).address == "h7.test"  # default port
