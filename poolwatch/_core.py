@@ -115,7 +115,7 @@ class RequestRecord:
         "error_type",
         "extra",
         "http_version",
-        "leak_ref",
+        "leaked",
         "observed",
         "opened",
         "origin",
@@ -156,7 +156,8 @@ class RequestRecord:
         self.status: int | None = None
         self.http_version: str | None = None
         self.error_type: str | None = None
-        self.leak_ref: object = None
+        #: Garbage-collected without being closed: its connection stays held.
+        self.leaked = False
         #: Exporters' per-request state (an OTel span), opaque to the core.
         self.extra: object = None
 
@@ -232,6 +233,10 @@ class PoolCore:
         self._origins: dict[OriginKey, OriginStats] = {}
         self._overflow: OriginStats | None = None
         self._inflight: dict[int, RequestRecord] = {}
+        #: Weak references to the response streams of requests in flight, by ``id(rec)``.
+        #: Kept here, not on the record, so that nothing forms a reference cycle: a request's
+        #: objects are freed by reference counting, never left to the cyclic collector.
+        self._leak_watch: dict[int, object] = {}
         #: Connections by ``id()``; the shells drop entries when a connection closes.
         self.conns: dict[int, ConnRecord] = {}
 
@@ -417,7 +422,8 @@ class PoolCore:
             self.active -= 1
             origin.active_requests -= 1
             conn = rec.conn
-            if conn is not None and rec.leak_ref is not _LEAKED:
+            self._leak_watch.pop(id(rec), None)
+            if conn is not None and not rec.leaked:
                 conn.inflight -= 1
             origin.request_duration.observe(now - rec.t_start)
             if error_type is not None:
@@ -440,6 +446,12 @@ class PoolCore:
         if rec.tls_time is not None:
             origin.tls_time.observe(rec.tls_time)
 
+    def watch_for_leak(self, rec: RequestRecord, ref: object) -> None:
+        """Keep ``ref`` (a weak reference to the response stream) while the request lasts."""
+        with self._lock:
+            if not rec.done:
+                self._leak_watch[id(rec)] = ref
+
     def leaked(self, rec: RequestRecord) -> None:
         """The response was garbage-collected without being closed.
 
@@ -449,7 +461,7 @@ class PoolCore:
         with self._lock:
             if rec.done:
                 return
-            rec.leak_ref = _LEAKED
+            rec.leaked = True
             self.leaked_count += 1
         self.finish(rec)
 
@@ -525,7 +537,6 @@ def _snapshot_origin(o: OriginStats) -> OriginSnapshot:
     )
 
 
-_LEAKED = object()
 _CONNECT = 1
 _TLS = 2
 #: httpcore trace steps that matter, by their middle name ("connection.connect_tcp.started").

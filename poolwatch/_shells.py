@@ -423,20 +423,105 @@ def _stream_closed(
         _call_hook(hooks.on_finish, rec, "request finish hook")
 
 
-def _leak_detector(
-    core: PoolCore, rec: RequestRecord, hooks: Hooks
-) -> Callable[[weakref.ref[Any]], None]:
-    def on_collected(_: weakref.ref[Any]) -> None:
+class _LeakDetector:
+    """The weak-reference callback of a response stream: collected before it closed = leaked."""
+
+    __slots__ = ("core", "hooks", "rec")
+
+    def __init__(self, core: PoolCore, rec: RequestRecord, hooks: Hooks) -> None:
+        self.core = core
+        self.rec = rec
+        self.hooks = hooks
+
+    def __call__(self, _: weakref.ref[Any]) -> None:
+        rec = self.rec
         try:
             if rec.done:
                 return
-            core.leaked(rec)
+            self.core.leaked(rec)
         except Exception as exc:
             report_internal_error("leak detection", exc)
             return
-        _call_hook(hooks.on_finish, rec, "request finish hook")
+        _call_hook(self.hooks.on_finish, rec, "request finish hook")
 
-    return on_collected
+
+class _StreamClose:
+    """Replaces a response stream's ``aclose`` / ``close``: close it, then end the request.
+
+    One small object per request, and no reference cycle: it reaches the stream through a
+    weak reference (the one that detects leaks), so everything a request allocated is freed
+    by reference counting as soon as the response is.
+    """
+
+    __slots__ = ("conn", "core", "flavour", "hooks", "inner", "key", "rec", "record", "ref")
+
+    def __init__(
+        self,
+        core: PoolCore,
+        rec: RequestRecord,
+        conn: Any,
+        record: ConnRecord | None,
+        key: int,
+        flavour: Flavour,
+        hooks: Hooks,
+        stream: Any,
+        name: str,
+    ) -> None:
+        self.core = core
+        self.rec = rec
+        self.conn = conn
+        self.record = record
+        self.key = key
+        self.flavour = flavour
+        self.hooks = hooks
+        #: An instance attribute the stream already had (another instrumentation's).
+        self.inner = stream.__dict__.get(name)
+        if self.inner is None and not hasattr(type(stream), name):
+            raise TypeError(f"{type(stream).__qualname__} has no {name}()")
+        self.ref = weakref.ref(stream, _LeakDetector(core, rec, hooks))
+        core.watch_for_leak(rec, self.ref)
+
+    def closed(self, name: str) -> None:
+        _stream_closed(
+            self.core, self.rec, self.conn, self.record, self.key, self.flavour, self.hooks
+        )
+        # Detach, so that this object and the request record are freed now, not when the
+        # garbage collector gets to the response's own reference cycle.
+        stream = self.ref()
+        if stream is not None and stream.__dict__.get(name) is self:
+            del stream.__dict__[name]
+            if self.inner is not None:
+                stream.__dict__[name] = self.inner
+
+
+class _AsyncStreamClose(_StreamClose):
+    __slots__ = ()
+
+    async def __call__(self) -> None:
+        try:
+            if self.inner is not None:
+                await self.inner()
+            else:
+                stream = self.ref()
+                if stream is not None:
+                    await type(stream).aclose(stream)
+        finally:
+            self.closed("aclose")
+
+
+class _SyncStreamClose(_StreamClose):
+    __slots__ = ()
+
+    def __call__(self) -> None:
+        try:
+            if self.inner is not None:
+                self.inner()
+            else:
+                stream = self.ref()
+                if stream is not None:
+                    type(stream).close(stream)
+        finally:
+            self.closed("close")
 
 
 def _watch_async_stream(
@@ -451,22 +536,9 @@ def _watch_async_stream(
 ) -> None:
     stream = response.stream
     try:
-        inner_bound = stream.__dict__.get("aclose")
-        inner = inner_bound or getattr(type(stream), "aclose", None)
-        if inner is None:
-            raise TypeError(f"{type(stream).__qualname__} has no aclose()")
-
-        async def aclose() -> None:
-            try:
-                if inner_bound is not None:
-                    await inner_bound()
-                else:
-                    await inner(stream)
-            finally:
-                _stream_closed(core, rec, conn, record, key, flavour, hooks)
-
-        stream.aclose = aclose
-        rec.leak_ref = weakref.ref(stream, _leak_detector(core, rec, hooks))
+        stream.aclose = _AsyncStreamClose(
+            core, rec, conn, record, key, flavour, hooks, stream, "aclose"
+        )
     except Exception as exc:
         # Without a close hook the request's end is unknowable: end it now rather than never.
         report_internal_error("response stream watch", exc)
@@ -485,22 +557,9 @@ def _watch_sync_stream(
 ) -> None:
     stream = response.stream
     try:
-        inner_bound = stream.__dict__.get("close")
-        inner = inner_bound or getattr(type(stream), "close", None)
-        if inner is None:
-            raise TypeError(f"{type(stream).__qualname__} has no close()")
-
-        def close() -> None:
-            try:
-                if inner_bound is not None:
-                    inner_bound()
-                else:
-                    inner(stream)
-            finally:
-                _stream_closed(core, rec, conn, record, key, flavour, hooks)
-
-        stream.close = close
-        rec.leak_ref = weakref.ref(stream, _leak_detector(core, rec, hooks))
+        stream.close = _SyncStreamClose(
+            core, rec, conn, record, key, flavour, hooks, stream, "close"
+        )
     except Exception as exc:
         report_internal_error("response stream watch", exc)
         _stream_closed(core, rec, conn, record, key, flavour, hooks)
