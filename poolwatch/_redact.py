@@ -56,6 +56,8 @@ REDACTED = "REDACTED"
 
 def redact_url(url: str, extra_keys: Iterable[str] = ()) -> str:
     """``url`` with credentials replaced by ``REDACTED``; ``extra_keys`` extend the list."""
+    if not any(c in url for c in "?@#["):
+        return url  # nothing to redact: skip the parse (this runs once per request)
     try:
         parts = urlsplit(url)
     except ValueError:

@@ -14,8 +14,9 @@ poolwatch never makes a second one. It adds to that span: attributes for the que
 reuse, connect and TLS time, and an INTERNAL child span ``wait_for_connection`` (as .NET
 does) for requests that waited at least 5 ms. Otherwise poolwatch makes the CLIENT span
 itself: it starts when the request enters the pool and **ends when the response is closed**,
-so a streamed LLM response's span covers the whole stream (minutes); ``http.response.headers``
-marks when the headers came. A cancellation is not an error.
+so a streamed LLM response's span covers the whole stream (minutes);
+``poolwatch.request.time_to_first_byte`` says when the headers came. A cancellation is not an
+error.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def enable(
     tracer_provider: trace.TracerProvider | None = None,
     *,
     spans: bool = True,
+    request_histograms: bool = False,
     request_headers: Sequence[str] = (),
     sensitive_query_parameters: Sequence[str] = (),
 ) -> None:
@@ -69,6 +71,11 @@ def enable(
         meter_provider: the global one when ``None``.
         tracer_provider: the global one when ``None``.
         spans: make (or enrich) a span per request.
+        request_histograms: also record ``poolwatch.request.time_to_first_byte`` and
+            ``poolwatch.request.duration``. Off by default: the OTel SDK spends ~50 µs on each
+            synchronous histogram record, and the HTTP instrumentation's
+            ``http.client.request.duration`` usually covers them (Prometheus always has them:
+            there they cost nothing on the request path).
         request_headers: request headers to record as ``http.request.header.<name>``;
             ``authorization``, ``x-api-key``, ``cookie`` and ``set-cookie`` never are.
         sensitive_query_parameters: more query keys whose values ``url.full`` redacts.
@@ -90,6 +97,7 @@ def enable(
             meter_provider,
             tracer_provider,
             spans=spans,
+            request_histograms=request_histograms,
             request_headers=headers,
             sensitive_keys=tuple(sensitive_query_parameters),
         )
@@ -106,6 +114,7 @@ class _OtelExporter:
         tracer_provider: trace.TracerProvider | None,
         *,
         spans: bool,
+        request_histograms: bool,
         request_headers: tuple[str, ...],
         sensitive_keys: tuple[str, ...],
     ) -> None:
@@ -117,6 +126,7 @@ class _OtelExporter:
             "poolwatch", __version__
         )
         self._spans = spans
+        self._request_histograms = request_histograms
         self._request_headers = request_headers
         self._sensitive_keys = sensitive_keys
         self._cache_lock = threading.Lock()
@@ -206,7 +216,7 @@ class _OtelExporter:
                 chained_headers(rec)
             attributes = self._origin_attributes(rec.origin, name)
             self._record_phases(rec, attributes)
-            if rec.t_headers is not None and rec.t_ready is not None:
+            if self._request_histograms and rec.t_headers is not None and rec.t_ready is not None:
                 self._histograms[c.TIME_TO_FIRST_BYTE].record(
                     rec.t_headers - rec.t_ready, attributes
                 )
@@ -289,16 +299,9 @@ class _OtelExporter:
 
     def _on_headers(self, rec: RequestRecord) -> None:
         state = self._state(rec)
-        if isinstance(state, _Owned):
-            span = state.span
-            if rec.status is not None:
-                span.set_attribute("http.response.status_code", rec.status)
-            if rec.http_version is not None:
-                span.set_attribute("network.protocol.version", rec.http_version)
-            span.add_event("http.response.headers", timestamp=_ns(rec.t_headers))
-        elif isinstance(state, _Enriched):
+        if isinstance(state, _Enriched) and not isinstance(state, _Owned):
             # The other instrumentation ends its span when the headers are in: add now.
-            _add_pool_attributes(state.span, rec, state.pool_name)
+            state.span.set_attributes(_pool_attributes(rec, state.pool_name))
             self._wait_span(state.span, rec)
 
     def _record_phases(self, rec: RequestRecord, attributes: dict[str, Any]) -> None:
@@ -314,19 +317,28 @@ class _OtelExporter:
         attributes = self._origin_attributes(rec.origin, pool_name)
         if rec.t_headers is None:  # never got a response: the phases are known only now
             self._record_phases(rec, attributes)
-        if rec.t_end is not None:
+        if self._request_histograms and rec.t_end is not None:
             self._histograms[c.REQUEST_DURATION].record(rec.t_end - rec.t_start, attributes)
         state = self._state(rec)
         if isinstance(state, _Owned):
             span = state.span
-            _add_pool_attributes(span, rec, state.pool_name)
-            self._wait_span(span, rec)
+            # One call for everything learnt since the start: attributes cost per call.
+            attributes = _pool_attributes(rec, state.pool_name)
+            if rec.status is not None:
+                attributes["http.response.status_code"] = rec.status
+            if rec.http_version is not None:
+                attributes["network.protocol.version"] = rec.http_version
+            error = None
             if rec.error_type is not None and rec.error_type != "cancelled":
-                span.set_attribute("error.type", rec.error_type)
-                span.set_status(Status(StatusCode.ERROR))
+                error = rec.error_type
             elif rec.status is not None and rec.status >= 400:
-                span.set_attribute("error.type", str(rec.status))
+                error = str(rec.status)
+            if error is not None:
+                attributes["error.type"] = error
+            span.set_attributes(attributes)
+            if error is not None:
                 span.set_status(Status(StatusCode.ERROR))
+            self._wait_span(span, rec)
             span.end(end_time=_ns(rec.t_end))
 
     def _wait_span(self, parent: Any, rec: RequestRecord) -> None:
@@ -360,7 +372,7 @@ class _Owned(_Enriched):
     __slots__ = ()
 
 
-def _add_pool_attributes(span: Any, rec: RequestRecord, pool_name: str) -> None:
+def _pool_attributes(rec: RequestRecord, pool_name: str) -> dict[str, Any]:
     attributes: dict[str, Any] = {"poolwatch.pool.name": pool_name}
     queue = rec.queue_time
     if queue is not None:
@@ -374,7 +386,7 @@ def _add_pool_attributes(span: Any, rec: RequestRecord, pool_name: str) -> None:
         attributes["poolwatch.connection.tls_time"] = rec.tls_time
     if rec.t_headers is not None and rec.t_ready is not None:
         attributes["poolwatch.request.time_to_first_byte"] = rec.t_headers - rec.t_ready
-    span.set_attributes(attributes)
+    return attributes
 
 
 def _is_http_client_span(span: Any) -> bool:

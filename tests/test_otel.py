@@ -112,7 +112,8 @@ def make_otel(**enable_options: Any) -> Otel:
 
 @pytest.fixture
 def otel() -> Iterator[Otel]:
-    o = make_otel()
+    """Everything on, so that every catalogue metric can be checked."""
+    o = make_otel(request_histograms=True)
     yield o
     o.meter_provider.shutdown()
     o.tracer_provider.shutdown()
@@ -450,7 +451,7 @@ def test_poolwatch_alone_makes_one_client_span_per_request_with_semconv_and_pool
         assert 0 < attributes["poolwatch.request.time_to_first_byte"] < 1
         assert span.status.status_code is StatusCode.UNSET
         assert "error.type" not in attributes
-        assert [e.name for e in span.events] == ["http.response.headers"]
+        assert list(span.events) == []  # every figure is an attribute: events cost
     assert client_spans(spans)[1].attributes["url.full"] == (  # type: ignore[index]
         f"{base}/ok?model=m&api_key=REDACTED"
     )
@@ -511,13 +512,10 @@ def test_the_span_of_a_streamed_response_ends_when_the_response_is_closed_not_at
         assert span.status.status_code is StatusCode.UNSET
         assert span.start_time is not None
         assert span.end_time is not None
-        (event,) = span.events
-        assert event.name == "http.response.headers"
-        assert span.start_time <= event.timestamp < span.end_time
-    assert full.events[0].timestamp <= headers_at
+        assert span.start_time <= headers_at < span.end_time or span is early
     assert received == 50
     assert partial_at <= full.end_time <= closed_at  # type: ignore[operator]
-    assert full.end_time - full.events[0].timestamp > 200_000_000  # type: ignore[operator]
+    assert full.end_time - full.start_time > 200_000_000  # type: ignore[operator]
     assert closing_at <= early.end_time  # type: ignore[operator]
 
 
@@ -569,7 +567,7 @@ def test_poolwatchs_span_is_a_child_of_the_callers_current_span(
 def test_with_spans_off_there_are_histograms_but_no_spans(
     hx: Any, loopback_server: LoopbackServer
 ) -> None:
-    o = make_otel(spans=False)
+    o = make_otel(spans=False, request_histograms=True)
     with hx.Client() as client:
         poolwatch.instrument(client, name="otel-no-spans")
         name = poolwatch.snapshot(client).name
@@ -587,7 +585,7 @@ def test_a_client_instrumented_before_enable_is_exported_too(
         poolwatch.instrument(client, name="otel-early")
         name = poolwatch.snapshot(client).name
         client.get(f"{loopback_server.url}/ok")
-        o = make_otel()
+        o = make_otel(request_histograms=True)
         client.get(f"{loopback_server.url}/ok")
         metrics = o.metrics(name)
     (span,) = client_spans(o.spans())
@@ -843,7 +841,7 @@ def otlp(request: pytest.FixtureRequest) -> Iterator[OtlpSetup]:
         BatchSpanProcessor(span_exporter, schedule_delay_millis=600_000)
     )
     setup = OtlpSetup(receiver, meter_provider, tracer_provider)
-    poolwatch.otel.enable(meter_provider, tracer_provider)
+    poolwatch.otel.enable(meter_provider, tracer_provider, request_histograms=True)
     try:
         yield setup
     finally:
@@ -918,3 +916,18 @@ def test_otlp_exporters_deliver_poolwatchs_metrics_and_spans_to_a_real_receiver(
     waits = [s for s in rx.spans() if s.name == "wait_for_connection"]
     assert len(waits) >= 2
     assert {w.parent_span_id for w in waits} <= {s.span_id for s in spans}
+
+
+def test_by_default_only_the_pool_histograms_cost_a_record_per_request(
+    hx: Any, loopback_server: LoopbackServer
+) -> None:
+    otel = make_otel()
+    with hx.Client() as client:
+        poolwatch.instrument(client, name="otel-default-histograms")
+        for _ in range(3):
+            client.get(f"{loopback_server.url}/ok")
+    metrics = otel.metrics("otel-default-histograms")
+    assert metrics["http.client.request.time_in_queue"].data.data_points[0].count == 3
+    assert metrics["poolwatch.connection.connect_time"].data.data_points[0].count == 1
+    assert "poolwatch.request.duration" not in metrics
+    assert "poolwatch.request.time_to_first_byte" not in metrics
