@@ -358,10 +358,16 @@ class PoolCore:
         status: int | None = None,
         http_version: str | None = None,
         failed: bool = False,
+        leak_ref: object = None,
     ) -> None:
-        """The connection call returned response headers, or failed after acquire."""
+        """The connection call returned response headers, or failed after acquire.
+
+        ``leak_ref``: see ``watch_for_leak()`` (taken here to save a lock round).
+        """
         now = self.clock()
         with self._lock:
+            if leak_ref is not None and not rec.done:
+                self._leak_watch[id(rec)] = leak_ref
             conn = rec.conn
             if rec.pending and not rec.done and not failed:
                 # A traced request that saw no event at all (cannot happen with httpcore's

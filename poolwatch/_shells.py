@@ -233,18 +233,46 @@ def _enter_connection(
 
 
 def _headers_arrived(
-    core: PoolCore, rec: RequestRecord, record: ConnRecord, response: Any, hooks: Hooks
+    core: PoolCore,
+    rec: RequestRecord,
+    conn: Any,
+    record: ConnRecord,
+    key: int,
+    response: Any,
+    flavour: Flavour,
+    hooks: Hooks,
+    closer: type[_StreamClose],
 ) -> None:
-    """The connection call returned the response headers."""
+    """The connection call returned the response headers: watch the stream for its end."""
+    name = "aclose" if closer is _AsyncStreamClose else "close"
+    stream = response.stream
+    ref = None
+    try:
+        close = closer(core, rec, conn, record, key, flavour, hooks, stream, name)
+        setattr(stream, name, close)
+        ref = close.ref
+    except Exception as exc:
+        report_internal_error("response stream watch", exc)
     try:
         http_version = record.http_version
         if http_version is None:
             raw = response.extensions.get("http_version", b"")
             http_version = "2" if raw == b"HTTP/2" else "1.1" if raw else None
-        core.call_exit(rec, status=response.status, http_version=http_version)
+        core.call_exit(rec, status=response.status, http_version=http_version, leak_ref=ref)
     except Exception as exc:
         report_internal_error("response headers bookkeeping", exc)
-    _call_hook(hooks.on_headers, rec, "response headers hook")
+    if hooks.on_headers is not None:
+        _call_hook(hooks.on_headers, rec, "response headers hook")
+    if ref is None:
+        # Without a close hook the request's end is unknowable: end it now rather than never.
+        _stream_closed(core, rec, conn, record, key, flavour, hooks)
+
+
+def _requeue(core: PoolCore, rec: RequestRecord) -> None:
+    try:
+        core.requeue(rec)
+    except Exception as exc:
+        report_internal_error("requeue bookkeeping", exc)
 
 
 def _connection_call_failed(
@@ -276,7 +304,7 @@ def _async_connection_call(
         try:
             response = await cls.handle_async_request(conn, request)  # type: ignore[attr-defined]
         except cna:
-            core.requeue(rec)
+            _requeue(core, rec)
             raise
         except BaseException:
             _connection_call_failed(core, rec, conn, record, key, hooks)
@@ -284,8 +312,7 @@ def _async_connection_call(
         finally:
             if saved is not None:
                 request.extensions = saved
-        _headers_arrived(core, rec, record, response, hooks)
-        _watch_async_stream(core, rec, conn, record, key, response, flavour, hooks)
+        _headers_arrived(core, rec, conn, record, key, response, flavour, hooks, _AsyncStreamClose)
         return response
 
     return handle_async_request
@@ -309,7 +336,7 @@ def _sync_connection_call(
         try:
             response = cls.handle_request(conn, request)  # type: ignore[attr-defined]
         except cna:
-            core.requeue(rec)
+            _requeue(core, rec)
             raise
         except BaseException:
             _connection_call_failed(core, rec, conn, record, key, hooks)
@@ -317,8 +344,7 @@ def _sync_connection_call(
         finally:
             if saved is not None:
                 request.extensions = saved
-        _headers_arrived(core, rec, record, response, hooks)
-        _watch_sync_stream(core, rec, conn, record, key, response, flavour, hooks)
+        _headers_arrived(core, rec, conn, record, key, response, flavour, hooks, _SyncStreamClose)
         return response
 
     return handle_request
@@ -479,7 +505,6 @@ class _StreamClose:
         if self.inner is None and not hasattr(type(stream), name):
             raise TypeError(f"{type(stream).__qualname__} has no {name}()")
         self.ref = weakref.ref(stream, _LeakDetector(core, rec, hooks))
-        core.watch_for_leak(rec, self.ref)
 
     def closed(self, name: str) -> None:
         _stream_closed(
@@ -536,9 +561,9 @@ def _watch_async_stream(
 ) -> None:
     stream = response.stream
     try:
-        stream.aclose = _AsyncStreamClose(
-            core, rec, conn, record, key, flavour, hooks, stream, "aclose"
-        )
+        close = _AsyncStreamClose(core, rec, conn, record, key, flavour, hooks, stream, "aclose")
+        stream.aclose = close
+        core.watch_for_leak(rec, close.ref)
     except Exception as exc:
         # Without a close hook the request's end is unknowable: end it now rather than never.
         report_internal_error("response stream watch", exc)
