@@ -58,7 +58,8 @@ def samples(snap: PoolSnapshot) -> Iterator[Sample]:
         yield Sample(c.TIME_IN_QUEUE, origin, o.time_in_queue)
         yield Sample(c.CONNECTION_DURATION, origin, o.connection_duration)
         yield Sample(c.CONNECT_TIME, origin, o.connect_time)
-        yield Sample(c.TLS_TIME, origin, o.tls_time)
+        if o.scheme != "http" or o.tls_time.count:  # plain HTTP has no handshake to time
+            yield Sample(c.TLS_TIME, origin, o.tls_time)
         yield Sample(c.TIME_TO_FIRST_BYTE, origin, o.time_to_first_byte)
         yield Sample(c.REQUEST_DURATION, origin, o.request_duration)
     for (address, port, scheme, state, version), n in sorted(open_conns.items()):

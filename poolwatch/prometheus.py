@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry
@@ -26,6 +26,7 @@ from prometheus_client.metrics_core import (
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.samples import Sample
 
 from . import _api
 from ._catalogue import CATALOGUE, MetricSpec
@@ -41,7 +42,14 @@ _enabled: weakref.WeakKeyDictionary[CollectorRegistry, object] = weakref.WeakKey
 
 
 class PoolCollector:
-    """A prometheus_client collector for every instrumented pool, present and future."""
+    """A prometheus_client collector for every instrumented pool, present and future.
+
+    Label dictionaries are built once per series and reused by every scrape (prometheus_client
+    only reads them); most of a scrape's cost is prometheus_client formatting the text.
+    """
+
+    def __init__(self) -> None:
+        self._labels: dict[tuple[MetricSpec, tuple[str, ...]], _SeriesLabels] = {}
 
     def describe(self) -> Iterable[Metric]:
         """Empty families, so registering never reads a pool."""
@@ -49,14 +57,47 @@ class PoolCollector:
 
     def collect(self) -> Iterable[Metric]:
         families = {spec: _family(spec) for spec in CATALOGUE}
+        seen: set[tuple[MetricSpec, tuple[str, ...]]] = set()
         for watch in _api.watches():
             try:
-                snap = watch.snapshot()
-                for s in samples(snap):
-                    _add(families[s.spec], s.spec, s.labels, s.value)
-            except Exception as exc:
+                for s in samples(watch.snapshot()):
+                    key = (s.spec, s.labels)
+                    seen.add(key)
+                    labels = self._labels.get(key)
+                    if labels is None:
+                        labels = self._labels[key] = _SeriesLabels(s.spec, s.labels)
+                    labels.add_to(families[s.spec], s.value)
+            except Exception as exc:  # a failing pool never fails the scrape
                 report_internal_error("prometheus collect", exc)
+        if len(self._labels) > 2 * len(seen) + 1024:  # series of pools long gone
+            self._labels = {k: v for k, v in self._labels.items() if k in seen}
         return list(families.values())
+
+
+class _SeriesLabels:
+    """One series' label dicts (with ``le`` for each bucket of a histogram), built once."""
+
+    __slots__ = ("buckets", "labels", "name")
+
+    def __init__(self, spec: MetricSpec, values: tuple[str, ...]) -> None:
+        self.name = spec.prometheus_name
+        self.labels = dict(zip(spec.labels, values, strict=True))
+        self.buckets = [
+            {**self.labels, "le": _le(bound)} for bound in (*spec.buckets, float("inf"))
+        ]
+
+    def add_to(self, family: Metric, value: float | HistogramSnapshot) -> None:
+        if not isinstance(value, HistogramSnapshot):
+            family.samples.append(Sample(self.name, self.labels, value))
+            return
+        out = family.samples
+        bucket = self.name + "_bucket"
+        running = 0
+        for labels, n in zip(self.buckets, value.counts, strict=True):
+            running += n
+            out.append(Sample(bucket, labels, running))
+        out.append(Sample(self.name + "_count", self.labels, running))
+        out.append(Sample(self.name + "_sum", self.labels, value.sum))
 
 
 def enable(registry: CollectorRegistry | None = None) -> None:
@@ -109,21 +150,6 @@ def _family(spec: MetricSpec) -> Metric:
     if spec.kind == "histogram":
         return HistogramMetricFamily(spec.exposition_name, spec.help, labels=labels)
     return GaugeMetricFamily(spec.exposition_name, spec.help, labels=labels)
-
-
-def _add(
-    family: Metric, spec: MetricSpec, labels: tuple[str, ...], value: float | HistogramSnapshot
-) -> None:
-    if isinstance(value, HistogramSnapshot):
-        assert isinstance(family, HistogramMetricFamily)
-        family.add_metric(list(labels), _buckets(value), value.sum)
-    else:
-        family.add_metric(list(labels), value)  # type: ignore[attr-defined]
-
-
-def _buckets(h: HistogramSnapshot) -> list[tuple[str, float]]:
-    bounds: Iterator[float] = iter((*h.bounds, float("inf")))
-    return [(_le(b), float(n)) for b, n in zip(bounds, h.cumulative(), strict=True)]
 
 
 def _le(bound: float) -> str:
