@@ -17,6 +17,7 @@ log says so once.
 from __future__ import annotations
 
 import gc
+import importlib
 import logging
 import ssl
 import threading
@@ -26,6 +27,7 @@ from typing import Any
 
 import anyio
 import pytest
+from chaos_routes import chaos_routes
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
@@ -223,21 +225,45 @@ def host_workload_sync(hx: Any, client: Any, base: str) -> list[Outcome]:
     return out
 
 
-async def http2_workload(hx: Any, client: Any, base: str) -> list[Outcome]:
-    """A few concurrent HTTP/2 requests (TLS, stream slots, RST_STREAM)."""
+async def http2_workload(hx: Any, client: Any, server: LoopbackServer) -> list[Outcome]:
+    """Concurrent HTTP/2 requests (TLS, stream slots, RST_STREAM), then a GOAWAY that refuses
+    three streams in flight: httpcore retries them on a new connection (the requeue path,
+    the only one httpcore2 takes: its pool never hands one connection to two waiters)."""
+    base = server.url
     results: list[Any] = []
 
-    async def call(path: str) -> None:
+    async def call(path: str, into: list[Any], body: bool = True) -> None:
         try:
             r = await client.get(f"{base}{path}")
-            results.append((path, r.status_code, r.content))
+            into.append((path, r.status_code, r.content if body else None))
         except Exception as exc:
-            results.append((path, _exception(exc)))
+            into.append((path, _exception(exc)))
 
     async with anyio.create_task_group() as tg:
         for path in ("/ok", "/ok", "/status?code=404", "/reset"):
-            tg.start_soon(call, path)
-    return [("http2", sorted(results, key=repr))]
+            tg.start_soon(call, path, results)
+
+    refused: list[Any] = []
+    first: list[Any] = []  # httpcore may fail the GOAWAY's own stream: not compared
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call, "/goaway_refusing?streams=4", first)
+        while server.stats.in_flight_requests < 1:
+            await anyio.sleep(0.005)
+        # Headers after the GOAWAY: a stream refused once its headers are in fails with
+        # httpcore's own ConnectionNotAvailable, poolwatch or not. (/delay's body says how
+        # long it slept: compared by status only.)
+        for _ in range(3):
+            tg.start_soon(call, "/delay?s=0.2", refused, False)
+
+    leaked = await client.send(client.build_request("GET", f"{base}/ok"), stream=True)
+    leaked_status = leaked.status_code
+    del leaked
+    gc.collect()
+    return [
+        ("http2", sorted(results, key=repr)),
+        ("refused by a GOAWAY", sorted(refused, key=repr)),
+        ("leaked response", leaked_status),
+    ]
 
 
 def run_async(hx: Any, server: LoopbackServer, *, watched: bool, **options: Any) -> list[Outcome]:
@@ -265,10 +291,29 @@ def run_http2(
         async with hx.AsyncClient(http2=True, verify=verify, timeout=5.0) as client:
             if watched:
                 poolwatch.instrument(client, name="faulty-h2")
-            return await http2_workload(hx, client, server.url)
+            return await http2_workload(hx, client, server)
 
     return anyio.run(main)
 
+
+#: httpcore2's pool reserves a connection for the one request it hands it to, so on
+#: HTTP/1.1 it never requeues; its requeue path is exercised over HTTP/2 (GOAWAY) below.
+H1_CASES = [
+    (library, step)
+    for library in ("httpx", "httpx2")
+    for step in (
+        "start",
+        "acquire",
+        "requeue",
+        "on_trace_event",
+        "call_exit",
+        "finish",
+        "leaked",
+        "connection_closed",
+    )
+    if (library, step) != ("httpx2", "requeue")
+]
+H1_IDS = [f"{library}-{step}" for library, step in H1_CASES]
 
 CORE_STEPS = [
     "start",
@@ -285,14 +330,15 @@ CORE_STEPS = [
 # -- the core's steps, on the request path --------------------------------------------------
 
 
-@pytest.mark.parametrize("step", CORE_STEPS)
+@pytest.mark.parametrize(("library", "step"), H1_CASES, ids=H1_IDS)
 def test_a_failing_core_step_leaves_every_async_request_as_it_is_without_poolwatch(
-    hx: Any,
+    library: str,
     step: str,
     loopback_server: LoopbackServer,
     monkeypatch: pytest.MonkeyPatch,
     errors_logged: Callable[[], Counter[str]],
 ) -> None:
+    hx = importlib.import_module(library)
     without = run_async(hx, loopback_server, watched=False)
     monkeypatch.setattr(PoolCore, step, _raise)
     with_fault = run_async(hx, loopback_server, watched=True)
@@ -300,14 +346,15 @@ def test_a_failing_core_step_leaves_every_async_request_as_it_is_without_poolwat
     assert_each_site_logged_once(errors_logged())
 
 
-@pytest.mark.parametrize("step", CORE_STEPS)
+@pytest.mark.parametrize(("library", "step"), H1_CASES, ids=H1_IDS)
 def test_a_failing_core_step_leaves_every_sync_request_as_it_is_without_poolwatch(
-    hx: Any,
+    library: str,
     step: str,
     loopback_server: LoopbackServer,
     monkeypatch: pytest.MonkeyPatch,
     errors_logged: Callable[[], Counter[str]],
 ) -> None:
+    hx = importlib.import_module(library)
     without = run_sync(hx, loopback_server, watched=False)
     monkeypatch.setattr(PoolCore, step, _raise)
     with_fault = run_sync(hx, loopback_server, watched=True)
@@ -315,7 +362,7 @@ def test_a_failing_core_step_leaves_every_sync_request_as_it_is_without_poolwatc
     assert_each_site_logged_once(errors_logged())
 
 
-@pytest.mark.parametrize("step", ["start", "acquire", "on_trace_event", "call_exit", "finish"])
+@pytest.mark.parametrize("step", CORE_STEPS)
 def test_a_failing_core_step_leaves_http2_requests_as_they_are_without_poolwatch(
     hx: Any,
     step: str,
@@ -325,7 +372,7 @@ def test_a_failing_core_step_leaves_http2_requests_as_they_are_without_poolwatch
     monkeypatch: pytest.MonkeyPatch,
     errors_logged: Callable[[], Counter[str]],
 ) -> None:
-    server = loopback_server_factory(tls=server_ssl_context)
+    server = loopback_server_factory(chaos_routes(), tls=server_ssl_context)
 
     def verify() -> ssl.SSLContext:  # httpcore sets ALPN on it: one per client
         ctx = ssl.create_default_context()
