@@ -366,6 +366,11 @@ class PoolCore:
         """
         now = self.clock()
         with self._lock:
+            if failed and rec.pending:
+                # It never got past the queue (HTTP/2: cancelled while waiting for a stream
+                # slot or another request's connect): not a request on a connection, and its
+                # wait is observed when it finishes.
+                return
             if leak_ref is not None and not rec.done:
                 self._leak_watch[id(rec)] = leak_ref
             conn = rec.conn

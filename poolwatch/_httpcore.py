@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
@@ -218,6 +219,33 @@ def is_connection_idle(conn: Any) -> bool:
 
 def is_connection_closed(conn: Any) -> bool:
     return bool(conn.is_closed())
+
+
+def is_connection_dead(conn: Any) -> bool:
+    """An idle connection the server already closed, which httpcore drops only on its next
+    pool pass: its socket turned readable while idle (the server's EOF, or its GOAWAY).
+
+    A connection past its keep-alive expiry is not dead: its socket stays open until
+    httpcore closes it.
+    """
+    inner = getattr(conn, "_connection", None)
+    if inner is None:  # still connecting, or a proxy connection of another shape
+        return False
+    if connection_http_version(conn) == "2":
+        # httpcore reads an HTTP/2 connection only while a request uses it, so an idle one
+        # with bytes waiting was written to since: in practice the server's GOAWAY and EOF.
+        # (Unusable alone is not enough: a client-side read timeout breaks the connection
+        # with its socket still open at both ends.) A server that PINGs idle connections
+        # makes this call one closed until the next request reads the PING.
+        if not conn.is_idle():
+            return False
+        stream = getattr(inner, "_network_stream", None)
+        return stream is not None and bool(stream.get_extra_info("is_readable"))
+    if not conn.has_expired():
+        return False
+    expire_at = getattr(inner, "_expire_at", None)
+    keepalive_expired = expire_at is not None and time.monotonic() > expire_at
+    return not keepalive_expired
 
 
 # -- instance patches ------------------------------------------------------------------------

@@ -55,11 +55,21 @@ class Hooks:
         self.on_connection_closed: ConnectionClosedHook | None = None
 
 
-def error_type_of(exc: BaseException) -> str:
-    """``error.type`` for an exception: its class name, or ``cancelled``."""
-    if isinstance(exc, asyncio.CancelledError) or (
+def _is_cancellation(exc: BaseException) -> bool:
+    return isinstance(exc, asyncio.CancelledError) or (
         type(exc).__name__ == "Cancelled" and type(exc).__module__.startswith("trio")
-    ):
+    )
+
+
+def error_type_of(exc: BaseException) -> str:
+    """``error.type`` for an exception: its class name, or ``cancelled``.
+
+    trio can wrap a cancellation in an exception group (a cancel during the TCP connect):
+    a group of cancellations only is a cancellation too.
+    """
+    if _is_cancellation(exc):
+        return "cancelled"
+    if isinstance(exc, BaseExceptionGroup) and exc.split(_is_cancellation)[1] is None:
         return "cancelled"
     return type(exc).__name__
 

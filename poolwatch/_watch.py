@@ -182,6 +182,10 @@ class ClientWatch:
                         if origin_key is None:
                             continue
                         origin = core.origin(origin_key)
+                        if _httpcore.is_connection_idle(conn) and _httpcore.is_connection_dead(
+                            conn
+                        ):
+                            continue
                         state = "idle" if _httpcore.is_connection_idle(conn) else "active"
                         version = _httpcore.connection_http_version(conn) or ""
                     else:
@@ -191,6 +195,8 @@ class ClientWatch:
                             state = "active"
                         elif not record.connected:
                             state = "connecting"
+                        elif _httpcore.is_connection_dead(conn):
+                            continue  # closed by the server; httpcore has not noticed yet
                         else:
                             state = "idle"
                             if not version:

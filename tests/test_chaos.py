@@ -112,9 +112,19 @@ def server_books(server: LoopbackServer | SilentListener | None) -> tuple[int, i
 
 
 def assert_books_balance_at_rest(
-    client: Any, caller: Caller, server: LoopbackServer | SilentListener | None
+    client: Any,
+    caller: Caller,
+    server: LoopbackServer | SilentListener | None,
+    *,
+    server_closing: bool = False,
 ) -> None:
-    """The figures the issue demands after every misbehaviour, once the client is at rest."""
+    """The figures the issue demands after every misbehaviour, once the client is at rest.
+
+    ``server_closing``: the server closed an HTTP/2 connection over TLS with a GOAWAY, and
+    counts it open until the client answers its close notice, which a client that never
+    uses the connection again never does; poolwatch (reading the GOAWAY waiting on the
+    socket) already counts it closed, so the server's figure is an upper bound.
+    """
     snap = poolwatch.snapshot(client)
     assert snap.active_requests == 0
     assert snap.pending_requests == 0
@@ -135,7 +145,10 @@ def assert_books_balance_at_rest(
     snap = poolwatch.snapshot(client)
     accepted, open_on_server = server_books(server)
     if open_on_server is not None:
-        assert snap.idle_connections == open_on_server
+        if server_closing:
+            assert snap.idle_connections <= open_on_server
+        else:
+            assert snap.idle_connections == open_on_server
     assert snap.connections_created_total == accepted
     assert snap.errors == dict(caller.caught)
     assert snap.pool_timeouts_total == caller.caught["PoolTimeout"]
@@ -175,10 +188,14 @@ MISBEHAVIOURS = {
     ),
     "stalled headers": Misbehaviour("/stall_headers", True, _either("ReadTimeout", "ReadTimeout")),
     "stalled body": Misbehaviour("/stall", True, _either("ReadTimeout", "ReadTimeout")),
-    # HTTP/1.1: the next request opens a new connection. HTTP/2: the four concurrent
-    # requests share the connection the first answer closes (or GOAWAYs), so some may fail.
+    # HTTP/1.1: the next request opens a new connection, unless it reuses the connection
+    # before the server's FIN arrives (a real race every keep-alive client has: "Server
+    # disconnected without sending a response"). HTTP/2: the four concurrent requests share
+    # the connection the first answer closes (or GOAWAYs), so some may fail.
     "server closes after the response": Misbehaviour(
-        "/close", False, {"h1": frozenset(), "h2": _H2_CONNECTION_LOST}
+        "/close",
+        False,
+        {"h1": frozenset({"RemoteProtocolError"}), "h2": _H2_CONNECTION_LOST},
     ),
     "GOAWAY after the response": Misbehaviour(
         "/goaway", False, {"h1": frozenset(), "h2": _H2_CONNECTION_LOST}
@@ -211,9 +228,12 @@ async def test_after_a_misbehaving_server_every_figure_equals_the_server_and_the
             assert caller.caught.total() == 6, caller
         else:
             assert set(caller.statuses) <= {200}, caller
-        assert_books_balance_at_rest(client, caller, server)
-        if proto == "h1":  # every HTTP/1.1 request reached the server, once
-            assert poolwatch.snapshot(client).requests_total == server.stats.requests == 6
+        closing = proto == "h2" and case.path in ("/close", "/goaway")
+        assert_books_balance_at_rest(client, caller, server, server_closing=closing)
+        if proto == "h1":  # every HTTP/1.1 request got a connection, once
+            # ...and reached the server, but for the ones that lost the FIN race above.
+            lost = caller.caught.get("RemoteProtocolError", 0) if case.path == "/close" else 0
+            assert poolwatch.snapshot(client).requests_total == 6 == server.stats.requests + lost
 
 
 @pytest.mark.parametrize(

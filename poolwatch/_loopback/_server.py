@@ -1340,6 +1340,10 @@ class _Engine:
                 logger.warning("loopback accept failed: %s", exc)
                 await asyncio.sleep(0.05)
                 continue
+            # asyncio sets TCP_NODELAY only when sock.proto says TCP, and accepted sockets
+            # report 0: without it every keep-alive response waits ~40 ms for a delayed ACK.
+            with contextlib.suppress(OSError):
+                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.stats._bump("_accepted_connections")
             self.stats._bump("_open_connections")
             self._next_id += 1
