@@ -461,7 +461,7 @@ def test_a_request_cancelled_while_waiting_for_an_http2_stream_slot_still_has_it
         assert snap.requests_total == 2 == server.stats.requests
         assert origin.request_duration.count == 3
         assert origin.time_in_queue.count == 3
-        assert origin.time_in_queue.sum >= 0.1  # the cancelled one waited 0.1 s
+        assert origin.time_in_queue.sum >= 0.09  # the cancelled one waited ~0.1 s (its own clock)
 
     anyio.run(main)
 
