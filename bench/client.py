@@ -309,9 +309,10 @@ class Setup:
                 expect("spans_poolwatch_client", pw_client, 0 if self.otel_httpx else sent)
                 expect("spans_with_pool_name", self.exporter.enriched, sent)
                 expect("otel_pw_requests", int(totals.get("poolwatch.pool.requests", 0)), sent)
+                # The default: per-request histograms off, the pool's queue wait on.
                 expect(
-                    "otel_pw_duration_count",
-                    int(totals.get("poolwatch.request.duration", 0)),
+                    "otel_pw_time_in_queue_count",
+                    int(totals.get("http.client.request.time_in_queue", 0)),
                     sent,
                 )
             unexpected = {
