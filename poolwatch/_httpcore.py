@@ -222,8 +222,8 @@ def is_connection_closed(conn: Any) -> bool:
 
 
 def is_connection_dead(conn: Any) -> bool:
-    """An idle connection the server already closed, which httpcore drops only on its next
-    pool pass: its socket turned readable while idle (the server's EOF, or its GOAWAY).
+    """An idle HTTP/1.1 connection the server already closed (its socket turned readable: EOF),
+    which httpcore drops only on its next pool pass (httpcore's own ``has_expired`` rule).
 
     A connection past its keep-alive expiry is not dead: its socket stays open until
     httpcore closes it.
@@ -232,15 +232,10 @@ def is_connection_dead(conn: Any) -> bool:
     if inner is None:  # still connecting, or a proxy connection of another shape
         return False
     if connection_http_version(conn) == "2":
-        # httpcore reads an HTTP/2 connection only while a request uses it, so an idle one
-        # with bytes waiting was written to since: in practice the server's GOAWAY and EOF.
-        # (Unusable alone is not enough: a client-side read timeout breaks the connection
-        # with its socket still open at both ends.) A server that PINGs idle connections
-        # makes this call one closed until the next request reads the PING.
-        if not conn.is_idle():
-            return False
-        stream = getattr(inner, "_network_stream", None)
-        return stream is not None and bool(stream.get_extra_info("is_readable"))
+        # Not decidable from outside: a live idle HTTP/2 connection also has bytes waiting
+        # (a PING, a WINDOW_UPDATE, a late RST_STREAM) and may be marked unusable after a
+        # stream error. So HTTP/2 connections count as httpcore holds them, until it drops them.
+        return False
     if not conn.has_expired():
         return False
     expire_at = getattr(inner, "_expire_at", None)

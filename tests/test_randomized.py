@@ -286,9 +286,8 @@ def httpcore_busy_and_idle(client: Any) -> tuple[int, int]:
         inner = conn._connection
         streams = getattr(inner, "_events", None)
         in_use = bool(streams) if streams is not None else not conn.is_idle()
-        if not in_use and inner._network_stream.get_extra_info("is_readable"):
-            # The server closed it and httpcore has not read the EOF yet: httpcore's own
-            # rule for HTTP/1.1 (has_expired's "server disconnected"), applied to HTTP/2.
+        if streams is None and not in_use and inner._network_stream.get_extra_info("is_readable"):
+            # HTTP/1.1 the server closed, httpcore not told yet: has_expired's own rule.
             continue
         busy += in_use
         idle += not in_use
