@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ._catalogue import (
@@ -494,13 +494,6 @@ class PoolCore:
             lifetime = now - conn.t_open
             conn.origin.connection_duration.observe(lifetime)
             return lifetime
-
-    def forget_connections(self, live: Iterable[int]) -> None:
-        """Close the records of connections that left the pool without poolwatch seeing it."""
-        alive = set(live)
-        for key, conn in list(self.conns.items()):
-            if key not in alive:
-                self.connection_closed(conn, key)
 
     # -- reading ---------------------------------------------------------------------------
 

@@ -248,20 +248,8 @@ def is_connection_dead(conn: Any) -> bool:
 _ORIGINALS = "_poolwatch_originals"
 
 
-def patch(obj: Any, name: str, replacement: Any) -> Any:
-    """Set ``obj.name`` to ``replacement``; return what calls should go to.
-
-    That is the instance attribute another instrumentation (OpenTelemetry's ``wrapt``
-    wrapper, say) already put there, else ``None``, meaning "look the class up at call time",
-    so that a class-level patch made after poolwatch's still runs.
-    """
-    previous = obj.__dict__.get(name)
-    setattr(obj, name, replacement)
-    return previous
-
-
 def unpatch(obj: Any, name: str, previous: Any) -> None:
-    """Undo ``patch()``: restore the previous instance attribute, or remove ours."""
+    """Undo an instance patch: restore the previous instance attribute, or remove ours."""
     if previous is not None:
         setattr(obj, name, previous)
     else:

@@ -12,13 +12,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable
-from typing import ParamSpec, TypeVar
 
 logger = logging.getLogger("poolwatch")
-
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
 
 _reported: set[str] = set()
 _reported_lock = threading.Lock()
@@ -46,22 +41,3 @@ def reset_reported_errors() -> None:
     """Forget which sites already logged (for tests)."""
     with _reported_lock:
         _reported.clear()
-
-
-def guarded(site: str, default: _R) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
-    """Decorate a poolwatch function so that its own failures return ``default`` instead."""
-
-    def decorate(fn: Callable[_P, _R]) -> Callable[_P, _R]:
-        def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-            try:
-                return fn(*args, **kwargs)
-            except Exception as exc:
-                report_internal_error(site, exc)
-                return default
-
-        wrapper.__name__ = getattr(fn, "__name__", site)
-        wrapper.__doc__ = fn.__doc__
-        wrapper.__wrapped__ = fn  # type: ignore[attr-defined]
-        return wrapper
-
-    return decorate
