@@ -34,9 +34,13 @@ CONNECTION_TIME_BUCKETS: tuple[float, ...] = (
 )  # fmt: skip
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class MetricSpec:
-    """One exported metric, as both exporters name it."""
+    """One exported metric, as both exporters name it.
+
+    Compared and hashed by identity: each is a module constant, and a scrape looks series up
+    by ``(spec, labels)`` thousands of times.
+    """
 
     otel_name: str
     prometheus_name: str
@@ -187,7 +191,7 @@ CONNECT_TIME = MetricSpec(
     "histogram",
     "s",
     "Time to establish the TCP connection of new connections.",
-    ORIGIN_ATTRIBUTES,
+    POOL_ATTRIBUTES,
     REQUEST_TIME_BUCKETS,
 )
 TLS_TIME = MetricSpec(
@@ -196,7 +200,7 @@ TLS_TIME = MetricSpec(
     "histogram",
     "s",
     "Time of the TLS handshake of new connections.",
-    ORIGIN_ATTRIBUTES,
+    POOL_ATTRIBUTES,
     REQUEST_TIME_BUCKETS,
 )
 TIME_TO_FIRST_BYTE = MetricSpec(
@@ -206,7 +210,7 @@ TIME_TO_FIRST_BYTE = MetricSpec(
     "s",
     "From holding a connection to the response headers: the server's time plus the network's "
     "(connect and TLS excluded).",
-    ORIGIN_ATTRIBUTES,
+    POOL_ATTRIBUTES,
     REQUEST_TIME_BUCKETS,
 )
 REQUEST_DURATION = MetricSpec(
@@ -216,7 +220,7 @@ REQUEST_DURATION = MetricSpec(
     "s",
     "Whole requests, from entering the transport until the response is closed (queue, "
     "connect, server time and body).",
-    ORIGIN_ATTRIBUTES,
+    POOL_ATTRIBUTES,
     REQUEST_TIME_BUCKETS,
 )
 

@@ -50,20 +50,16 @@ class OriginStats:
     __slots__ = (
         "active_requests",
         "address",
-        "connect_time",
         "connection_duration",
         "connections_created",
         "errors",
         "http_versions",
         "port",
-        "request_duration",
         "requests_new",
         "requests_reused",
         "scheme",
         "time_in_queue",
         "timeouts",
-        "tls_time",
-        "ttfb",
     )
 
     def __init__(self, scheme: str, address: str, port: int) -> None:
@@ -80,10 +76,6 @@ class OriginStats:
         self.http_versions: set[str] = set()
         self.time_in_queue = Histogram(TIME_IN_QUEUE.buckets)
         self.connection_duration = Histogram(CONNECTION_DURATION.buckets)
-        self.connect_time = Histogram(CONNECT_TIME.buckets)
-        self.tls_time = Histogram(TLS_TIME.buckets)
-        self.ttfb = Histogram(TIME_TO_FIRST_BYTE.buckets)
-        self.request_duration = Histogram(REQUEST_DURATION.buckets)
 
 
 class ConnRecord:
@@ -193,10 +185,6 @@ class OriginSnapshot:
     http_versions: tuple[str, ...]
     time_in_queue: HistogramSnapshot
     connection_duration: HistogramSnapshot
-    connect_time: HistogramSnapshot
-    tls_time: HistogramSnapshot
-    time_to_first_byte: HistogramSnapshot
-    request_duration: HistogramSnapshot
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +197,10 @@ class CoreSnapshot:
     pending_max_age: float
     active_max_age: float
     origins: tuple[OriginSnapshot, ...]
+    connect_time: HistogramSnapshot
+    tls_time: HistogramSnapshot
+    time_to_first_byte: HistogramSnapshot
+    request_duration: HistogramSnapshot
 
 
 class PoolCore:
@@ -230,6 +222,12 @@ class PoolCore:
         self.pending = 0
         self.active = 0
         self.leaked_count = 0
+        #: Request phases, pool-wide (the dashboard reads them by pool; per origin they were
+        #: two thirds of a scrape).
+        self.connect_time = Histogram(CONNECT_TIME.buckets)
+        self.tls_time = Histogram(TLS_TIME.buckets)
+        self.ttfb = Histogram(TIME_TO_FIRST_BYTE.buckets)
+        self.request_duration = Histogram(REQUEST_DURATION.buckets)
         self._origins: dict[OriginKey, OriginStats] = {}
         self._overflow: OriginStats | None = None
         self._inflight: dict[int, RequestRecord] = {}
@@ -389,7 +387,7 @@ class PoolCore:
             if not failed:
                 rec.t_headers = now
                 if rec.t_ready is not None:
-                    rec.origin.ttfb.observe(now - rec.t_ready)
+                    self.ttfb.observe(now - rec.t_ready)
             if not rec.observed:
                 # Known now, so exported now: an LLM stream may stay open for minutes more.
                 self._observe_phases(rec)
@@ -436,7 +434,7 @@ class PoolCore:
             self._leak_watch.pop(id(rec), None)
             if conn is not None and not rec.leaked:
                 conn.inflight -= 1
-            origin.request_duration.observe(now - rec.t_start)
+            self.request_duration.observe(now - rec.t_start)
             if error_type is not None:
                 rec.error_type = error_type
                 origin.errors[error_type] = origin.errors.get(error_type, 0) + 1
@@ -444,18 +442,16 @@ class PoolCore:
                 origin.timeouts += 1
             return True
 
-    @staticmethod
-    def _observe_phases(rec: RequestRecord) -> None:
+    def _observe_phases(self, rec: RequestRecord) -> None:
         """Queue wait, connect and TLS into the histograms, once (caller holds the lock)."""
         rec.observed = True
-        origin = rec.origin
         if rec.t_queue_end is not None:
             rec.queue_wait = rec.t_queue_end - rec.t_start
-            origin.time_in_queue.observe(rec.queue_wait)
+            rec.origin.time_in_queue.observe(rec.queue_wait)
         if rec.connect_time is not None:
-            origin.connect_time.observe(rec.connect_time)
+            self.connect_time.observe(rec.connect_time)
         if rec.tls_time is not None:
-            origin.tls_time.observe(rec.tls_time)
+            self.tls_time.observe(rec.tls_time)
 
     def watch_for_leak(self, rec: RequestRecord, ref: object) -> None:
         """Keep ``ref`` (a weak reference to the response stream) while the request lasts."""
@@ -517,6 +513,10 @@ class PoolCore:
                 pending_max_age=pending_age,
                 active_max_age=active_age,
                 origins=tuple(_snapshot_origin(o) for o in origins),
+                connect_time=self.connect_time.snapshot(),
+                tls_time=self.tls_time.snapshot(),
+                time_to_first_byte=self.ttfb.snapshot(),
+                request_duration=self.request_duration.snapshot(),
             )
 
 
@@ -534,10 +534,6 @@ def _snapshot_origin(o: OriginStats) -> OriginSnapshot:
         http_versions=tuple(sorted(o.http_versions)),
         time_in_queue=o.time_in_queue.snapshot(),
         connection_duration=o.connection_duration.snapshot(),
-        connect_time=o.connect_time.snapshot(),
-        tls_time=o.tls_time.snapshot(),
-        time_to_first_byte=o.ttfb.snapshot(),
-        request_duration=o.request_duration.snapshot(),
     )
 
 

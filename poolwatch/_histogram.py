@@ -12,13 +12,14 @@ class Histogram:
     Not thread-safe by itself: the pool core updates it under its own lock.
     """
 
-    __slots__ = ("bounds", "count", "counts", "sum")
+    __slots__ = ("_last", "bounds", "count", "counts", "sum")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)  # the last slot is +Inf
         self.count = 0
         self.sum = 0.0
+        self._last: HistogramSnapshot | None = None
 
     def observe(self, value: float) -> None:
         self.counts[bisect_left(self.bounds, value)] += 1
@@ -26,7 +27,13 @@ class Histogram:
         self.sum += value
 
     def snapshot(self) -> HistogramSnapshot:
-        return HistogramSnapshot(self.bounds, tuple(self.counts), self.count, self.sum)
+        """The state now; the same object as last time while nothing was observed since."""
+        last = self._last
+        if last is None or last.count != self.count:
+            last = self._last = HistogramSnapshot(
+                self.bounds, tuple(self.counts), self.count, self.sum
+            )
+        return last
 
 
 @dataclass(frozen=True, slots=True)

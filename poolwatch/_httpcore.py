@@ -24,9 +24,11 @@ other instances of the same class are untouched.
 from __future__ import annotations
 
 import importlib
+import select
 import sys
 import time
-from collections.abc import Iterator
+import weakref
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -221,26 +223,69 @@ def is_connection_closed(conn: Any) -> bool:
     return bool(conn.is_closed())
 
 
-def is_connection_dead(conn: Any) -> bool:
-    """An idle HTTP/1.1 connection the server already closed (its socket turned readable: EOF),
-    which httpcore drops only on its next pool pass (httpcore's own ``has_expired`` rule).
+def dead_connections(idle: list[tuple[Any, str]]) -> set[int]:
+    """The ids of the idle HTTP/1.1 connections, among ``(connection, http_version)`` pairs,
+    that the server already closed (their socket turned readable: EOF), which httpcore drops
+    only on its next pool pass (httpcore's own ``has_expired`` rule).
 
-    A connection past its keep-alive expiry is not dead: its socket stays open until
-    httpcore closes it.
+    One ``poll()`` for all of them, on sockets looked up once per connection: httpcore's own
+    check asks anyio for every extra attribute of the stream (a ``getpeername()`` included)
+    each time, which made a 1,000-connection scrape cost ~70 ms.
+
+    A connection past its keep-alive expiry is not dead: its socket stays open until httpcore
+    closes it. HTTP/2 connections are never judged from outside: a live idle one also has
+    bytes waiting (a PING, a WINDOW_UPDATE, a late RST_STREAM), so they count as httpcore holds
+    them, until it drops them.
     """
-    inner = getattr(conn, "_connection", None)
-    if inner is None:  # still connecting, or a proxy connection of another shape
-        return False
-    if connection_http_version(conn) == "2":
-        # Not decidable from outside: a live idle HTTP/2 connection also has bytes waiting
-        # (a PING, a WINDOW_UPDATE, a late RST_STREAM) and may be marked unusable after a
-        # stream error. So HTTP/2 connections count as httpcore holds them, until it drops them.
-        return False
-    if not conn.has_expired():
-        return False
-    expire_at = getattr(inner, "_expire_at", None)
-    keepalive_expired = expire_at is not None and time.monotonic() > expire_at
-    return not keepalive_expired
+    now = time.monotonic()
+    dead: set[int] = set()
+    by_fd: dict[int, int] = {}
+    for conn, version in idle:
+        if version == "2":
+            continue
+        inner = getattr(conn, "_connection", None)
+        if inner is None:  # still connecting, or a proxy connection of another shape
+            continue
+        expire_at = getattr(inner, "_expire_at", None)
+        if expire_at is not None and now > expire_at:
+            continue
+        sock = _socket_of(inner)
+        fd = sock.fileno() if sock is not None else -1
+        if fd >= 0:
+            by_fd[fd] = id(conn)
+        elif sock is None and conn.has_expired():  # no socket to poll: httpcore's own check
+            dead.add(id(conn))
+    if by_fd:
+        dead.update(by_fd[fd] for fd in _readable(by_fd))
+    return dead
+
+
+#: The socket behind each HTTP/1.1 connection, looked up once (weakly: no connection kept).
+_sockets: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def _socket_of(inner: Any) -> Any:
+    try:
+        return _sockets[inner]
+    except KeyError:
+        pass
+    stream = getattr(inner, "_network_stream", None)
+    sock = stream.get_extra_info("socket") if stream is not None else None
+    if sock is not None and not callable(getattr(sock, "fileno", None)):
+        sock = None
+    _sockets[inner] = sock
+    return sock
+
+
+def _readable(fds: Iterable[int]) -> list[int]:
+    """Which of ``fds`` have something to read (or hit EOF or an error), without waiting."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        return [fd for fd, _event in poller.poll(0)]
+    readable, _w, _x = select.select(list(fds), [], [], 0)  # Windows: no poll()
+    return readable
 
 
 # -- instance patches ------------------------------------------------------------------------

@@ -99,11 +99,11 @@ class MultiprocessPusher:
             seen: set[SeriesKey] = set()
             for watch in _api.watches():
                 try:
-                    for s in samples(watch.snapshot()):
-                        key = (s.spec, s.labels)
+                    for spec, labels, value in samples(watch.snapshot()):
+                        key = (spec, labels)
                         seen.add(key)
-                        self._write(s.spec, s.labels, s.value, self._last.get(key))
-                        self._last[key] = s.value
+                        self._write(spec, labels, value, self._last.get(key))
+                        self._last[key] = value
                 except Exception as exc:
                     report_internal_error("prometheus multiprocess push", exc)
             for key in [k for k in self._last if k not in seen]:

@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ._core import OriginSnapshot
+from ._histogram import HistogramSnapshot
+
+#: The default of a histogram field: nothing observed (one +Inf bucket).
+NO_OBSERVATIONS = HistogramSnapshot((), (0,), 0, 0.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,3 +59,9 @@ class PoolSnapshot:
     origins: tuple[OriginSnapshot, ...] = ()
     #: Pools poolwatch could not read this time (their figures are missing, not zero).
     unreadable_pools: int = 0
+    #: Request phases over the whole pool (queue wait is per origin, in ``origins``):
+    #: TCP connect and TLS handshake of new connections, time to first byte, whole requests.
+    connect_time: HistogramSnapshot = NO_OBSERVATIONS
+    tls_time: HistogramSnapshot = NO_OBSERVATIONS
+    time_to_first_byte: HistogramSnapshot = NO_OBSERVATIONS
+    request_duration: HistogramSnapshot = NO_OBSERVATIONS

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import weakref
-from collections import Counter
 from typing import Any
 
 from . import _httpcore, _shells
@@ -167,76 +166,103 @@ class ClientWatch:
     def snapshot(self) -> PoolSnapshot:
         """Read the pools and the core, and put them together."""
         core = self.core
-        groups: Counter[tuple[str, str, int, str, str]] = Counter()
+        groups: dict[tuple[str, str, int, str, str], int] = {}
+        to_check: list[tuple[Any, str]] = []  # idle: alive unless the server closed them
+        idle_keys: dict[int, tuple[str, str, int, str, str]] = {}
         unreadable = 0
         for p in self._pools:
             try:
-                conns = _httpcore.connections(p.pool)
-                for conn in conns:
-                    key = id(conn)
-                    record = core.conns.get(key)
+                for conn in _httpcore.connections(p.pool):
                     if _httpcore.is_connection_closed(conn):
                         continue
-                    if record is None:
+                    record = core.conns.get(id(conn))
+                    if record is None:  # opened before poolwatch was attached
                         origin_key = _httpcore.connection_origin_key(conn)
                         if origin_key is None:
                             continue
                         origin = core.origin(origin_key)
-                        if _httpcore.is_connection_idle(conn) and _httpcore.is_connection_dead(
-                            conn
-                        ):
-                            continue
-                        state = "idle" if _httpcore.is_connection_idle(conn) else "active"
+                        is_idle = _httpcore.is_connection_idle(conn)
                         version = _httpcore.connection_http_version(conn) or ""
                     else:
                         origin = record.origin
                         version = record.http_version or ""
-                        if record.inflight > 0:
-                            state = "active"
-                        elif not record.connected:
-                            state = "connecting"
-                        elif _httpcore.is_connection_dead(conn):
-                            continue  # closed by the server; httpcore has not noticed yet
-                        else:
-                            state = "idle"
-                            if not version:
-                                version = _httpcore.connection_http_version(conn) or ""
-                    groups[(origin.scheme, origin.address, origin.port, state, version)] += 1
+                        if record.inflight == 0 and not record.connected:
+                            key = (
+                                origin.scheme,
+                                origin.address,
+                                origin.port,
+                                "connecting",
+                                version,
+                            )
+                            groups[key] = groups.get(key, 0) + 1
+                            continue
+                        is_idle = record.inflight == 0
+                        if is_idle and not version:
+                            version = _httpcore.connection_http_version(conn) or ""
+                    key = (
+                        origin.scheme,
+                        origin.address,
+                        origin.port,
+                        "idle" if is_idle else "active",
+                        version,
+                    )
+                    if is_idle:
+                        to_check.append((conn, version))
+                        idle_keys[id(conn)] = key
+                    else:
+                        groups[key] = groups.get(key, 0) + 1
             except Exception as exc:
                 unreadable += 1
                 report_internal_error("pool read", exc)
+        try:
+            dead = _httpcore.dead_connections(to_check) if to_check else set()
+        except Exception as exc:
+            dead = set()
+            report_internal_error("pool read", exc)
+        for conn_id, key in idle_keys.items():
+            if conn_id not in dead:  # closed by the server; httpcore has not noticed yet
+                groups[key] = groups.get(key, 0) + 1
         s = core.snapshot()
-        active = sum(n for k, n in groups.items() if k[3] == "active")
-        idle = sum(n for k, n in groups.items() if k[3] == "idle")
-        connecting = sum(n for k, n in groups.items() if k[3] == "connecting")
+        by_state = {"active": 0, "idle": 0, "connecting": 0}
+        for (_s, _a, _p, state, _v), n in groups.items():
+            by_state[state] += n
+        active = by_state["active"]
         limit = self.max_connections()
-        requests = sum(o.requests_new + o.requests_reused for o in s.origins)
-        reused = sum(o.requests_reused for o in s.origins)
-        errors: Counter[str] = Counter()
+        requests = reused = created = timeouts = 0
+        errors: dict[str, int] = {}
         for o in s.origins:
-            errors.update(o.errors)
+            requests += o.requests_new + o.requests_reused
+            reused += o.requests_reused
+            created += o.connections_created
+            timeouts += o.timeouts
+            for error_type, n in o.errors.items():
+                errors[error_type] = errors.get(error_type, 0) + n
         return PoolSnapshot(
             name=self.name,
             max_connections=limit,
             active_connections=active,
-            idle_connections=idle,
+            idle_connections=by_state["idle"],
             pending_requests=s.pending_requests,
             active_requests=s.active_requests,
             utilization=(active / limit) if limit else 0.0,
             requests_total=requests,
             reused_requests_total=reused,
-            connections_created_total=sum(o.connections_created for o in s.origins),
-            pool_timeouts_total=sum(o.timeouts for o in s.origins),
+            connections_created_total=created,
+            pool_timeouts_total=timeouts,
             leaked_responses_total=s.leaked_responses,
             reuse_ratio=(reused / requests) if requests else None,
-            connecting_connections=connecting,
+            connecting_connections=by_state["connecting"],
             pending_max_age=s.pending_max_age,
             active_max_age=s.active_max_age,
-            errors=dict(errors),
+            errors=errors,
             connections=tuple(
                 ConnectionGroup(scheme, address, port, state, version, n)
                 for (scheme, address, port, state, version), n in sorted(groups.items())
             ),
             origins=s.origins,
             unreadable_pools=unreadable,
+            connect_time=s.connect_time,
+            tls_time=s.tls_time,
+            time_to_first_byte=s.time_to_first_byte,
+            request_duration=s.request_duration,
         )

@@ -184,10 +184,10 @@ class _OtelExporter:
             try:
                 return [
                     Observation(
-                        s.value, dict(zip(spec.attributes, _typed(spec, s.labels), strict=True))
+                        value, dict(zip(spec.attributes, _typed(spec, labels), strict=True))
                     )
-                    for s in self._samples()
-                    if s.spec is spec and not isinstance(s.value, HistogramSnapshot)
+                    for s, labels, value in self._samples()
+                    if s is spec and not isinstance(value, HistogramSnapshot)
                 ]
             except Exception as exc:
                 report_internal_error("otel callback", exc)
@@ -201,6 +201,7 @@ class _OtelExporter:
         """Hook into a watch's requests: histograms always, spans if asked for."""
         hooks = watch.hooks
         name = watch.name
+        pool_attributes = {"pool.name": name}  # the request phases are pool-wide
         chained_start = hooks.on_start
         chained_headers = hooks.on_headers
         chained_finish = hooks.on_finish
@@ -214,11 +215,10 @@ class _OtelExporter:
         def on_headers(rec: RequestRecord) -> None:
             if chained_headers is not None:
                 chained_headers(rec)
-            attributes = self._origin_attributes(rec.origin, name)
-            self._record_phases(rec, attributes)
+            self._record_phases(rec, name, pool_attributes)
             if self._request_histograms and rec.t_headers is not None and rec.t_ready is not None:
                 self._histograms[c.TIME_TO_FIRST_BYTE].record(
-                    rec.t_headers - rec.t_ready, attributes
+                    rec.t_headers - rec.t_ready, pool_attributes
                 )
             if self._spans:
                 self._on_headers(rec)
@@ -226,7 +226,7 @@ class _OtelExporter:
         def on_finish(rec: RequestRecord) -> None:
             if chained_finish is not None:
                 chained_finish(rec)
-            self._on_finish(rec, name)
+            self._on_finish(rec, name, pool_attributes)
 
         def on_connection_closed(origin: OriginStats, lifetime: float) -> None:
             if chained_closed is not None:
@@ -304,21 +304,26 @@ class _OtelExporter:
             state.span.set_attributes(_pool_attributes(rec, state.pool_name))
             self._wait_span(state.span, rec)
 
-    def _record_phases(self, rec: RequestRecord, attributes: dict[str, Any]) -> None:
+    def _record_phases(
+        self, rec: RequestRecord, pool_name: str, pool_attributes: dict[str, Any]
+    ) -> None:
         h = self._histograms
         if rec.queue_wait is not None:
-            h[c.TIME_IN_QUEUE].record(rec.queue_wait, attributes)
+            h[c.TIME_IN_QUEUE].record(
+                rec.queue_wait, self._origin_attributes(rec.origin, pool_name)
+            )
         if rec.connect_time is not None:
-            h[c.CONNECT_TIME].record(rec.connect_time, attributes)
+            h[c.CONNECT_TIME].record(rec.connect_time, pool_attributes)
         if rec.tls_time is not None:
-            h[c.TLS_TIME].record(rec.tls_time, attributes)
+            h[c.TLS_TIME].record(rec.tls_time, pool_attributes)
 
-    def _on_finish(self, rec: RequestRecord, pool_name: str) -> None:
-        attributes = self._origin_attributes(rec.origin, pool_name)
+    def _on_finish(
+        self, rec: RequestRecord, pool_name: str, pool_attributes: dict[str, Any]
+    ) -> None:
         if rec.t_headers is None:  # never got a response: the phases are known only now
-            self._record_phases(rec, attributes)
+            self._record_phases(rec, pool_name, pool_attributes)
         if self._request_histograms and rec.t_end is not None:
-            self._histograms[c.REQUEST_DURATION].record(rec.t_end - rec.t_start, attributes)
+            self._histograms[c.REQUEST_DURATION].record(rec.t_end - rec.t_start, pool_attributes)
         state = self._state(rec)
         if isinstance(state, _Owned):
             span = state.span

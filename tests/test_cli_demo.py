@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 import poolwatch
 from poolwatch._cli import main
@@ -108,7 +109,7 @@ def runs() -> Iterator[dict[str, Run]]:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as page:
                 text = page.read().decode()
-            if 'poolwatch_pool_requests_total{connection_reused="true"' in text:
+            if re.search(r'poolwatch_pool_requests_total\{[^}]*connection_reused="true"', text):
                 started["text"].scraped = text
                 break
         except OSError:
@@ -210,8 +211,14 @@ def test_without_a_terminal_the_demo_prints_a_plain_report_and_no_escape_codes(
 def test_the_demo_serves_metrics_while_it_runs(runs: dict[str, Run]) -> None:
     page = runs["text"].scraped
     assert page is not None, "no /metrics page with the demo's pool was served"
-    assert 'poolwatch_pool_utilization_ratio{pool_name="demo-llm"}' in page
-    assert 'poolwatch_pool_connection_max{pool_name="demo-llm"} 4.0' in page
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(page)
+        for s in family.samples
+    }
+    demo = (("pool_name", "demo-llm"),)
+    assert 0 < samples[("poolwatch_pool_utilization_ratio", demo)] <= 1
+    assert samples[("poolwatch_pool_connection_max", demo)] == 4
 
 
 def test_a_metrics_port_in_use_is_an_error_that_names_the_flag() -> None:

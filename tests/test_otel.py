@@ -154,8 +154,8 @@ def key_of(spec: c.MetricSpec, attributes: Any) -> tuple[str, ...]:
 def expected_values(snap: poolwatch.PoolSnapshot) -> dict[str, dict[tuple[str, ...], Any]]:
     """What the exporter must show for ``snap``: ``{otel_name: {labels: value}}``."""
     out: dict[str, dict[tuple[str, ...], Any]] = {}
-    for s in samples(snap):
-        out.setdefault(s.spec.otel_name, {})[s.labels] = s.value
+    for spec, labels, value in samples(snap):
+        out.setdefault(spec.otel_name, {})[labels] = value
     return out
 
 

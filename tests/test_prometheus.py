@@ -1,5 +1,9 @@
 """The Prometheus exposition, read back with prometheus_client's own parser and promtool,
-compared with the snapshot after real traffic."""
+compared with the snapshot after real traffic.
+
+Every scrape here reads both pages: the registry as prometheus_client writes it (through
+poolwatch's collector) and as ``poolwatch.prometheus.generate_latest`` writes it (the pools
+written by poolwatch), and requires them to hold the same samples."""
 
 from __future__ import annotations
 
@@ -29,14 +33,24 @@ def registry() -> CollectorRegistry:
     return registry
 
 
-def scrape(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of the exposition: (name, sorted labels) -> value."""
-    text = generate_latest(registry).decode()
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def parse(text: bytes) -> Samples:
+    """Every sample of a page: (name, sorted labels) -> value."""
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
+        for family in text_string_to_metric_families(text.decode())
         for s in family.samples
     }
+
+
+def scrape(registry: CollectorRegistry) -> Samples:
+    """Every sample of the exposition, the same from both writers."""
+    by_prometheus_client = parse(generate_latest(registry))
+    by_poolwatch = parse(poolwatch.prometheus.generate_latest(registry))
+    assert by_poolwatch == by_prometheus_client
+    return by_poolwatch
 
 
 def value(samples: dict[Any, float], name: str, **labels: str) -> float:
@@ -132,8 +146,12 @@ def test_every_catalogue_metric_is_exposed_with_its_help_and_type(
         with pytest.raises(hx.RemoteProtocolError):  # error series exist once an error happened
             client.get(f"{loopback_server.url}/drop")
         families = {
-            f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())
+            f.name: f
+            for f in text_string_to_metric_families(
+                poolwatch.prometheus.generate_latest(registry).decode()
+            )
         }
+    assert parse(generate_latest(registry)) == parse(poolwatch.prometheus.generate_latest(registry))
     for spec in CATALOGUE:
         family = families[spec.exposition_name]
         assert family.type == spec.kind
@@ -157,11 +175,12 @@ def test_promtool_finds_nothing_to_lint_in_the_exposition(
     with hx.Client() as client:
         poolwatch.instrument(client)
         client.get(f"{loopback_server.url}/ok")
-        text = generate_latest(registry)
-    result = subprocess.run(
-        [promtool, "check", "metrics"], input=text, capture_output=True, check=False
-    )
-    assert result.returncode == 0, result.stderr.decode() + result.stdout.decode()
+        pages = [generate_latest(registry), poolwatch.prometheus.generate_latest(registry)]
+    for text in pages:
+        result = subprocess.run(
+            [promtool, "check", "metrics"], input=text, capture_output=True, check=False
+        )
+        assert result.returncode == 0, result.stderr.decode() + result.stdout.decode()
 
 
 def test_pool_wide_series_exist_at_zero_before_the_first_request(
@@ -256,7 +275,19 @@ def test_the_http_server_binds_loopback_and_serves_the_pools(
                 .read()
                 .decode()
             )
-        assert 'poolwatch_pool_requests_total{connection_reused="false",pool_name="served"' in body
+        requests = parse(body.encode())[
+            (
+                "poolwatch_pool_requests_total",
+                (
+                    ("connection_reused", "false"),
+                    ("pool_name", "served"),
+                    ("server_address", "127.0.0.1"),
+                    ("server_port", str(loopback_server.port)),
+                    ("url_scheme", "http"),
+                ),
+            )
+        ]
+        assert requests == 1
     finally:
         server.shutdown()
         thread.join(5)

@@ -1,0 +1,187 @@
+"""poolwatch's own page writer (``poolwatch.prometheus.start_http_server`` and
+``generate_latest``): the same samples as prometheus_client writes, in both formats a scraper
+may ask for, with the rest of the registry, and never a failed scrape."""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import logging
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as parse_openmetrics_families,
+)
+from prometheus_client.parser import text_string_to_metric_families
+
+import poolwatch
+import poolwatch.prometheus
+from poolwatch._catalogue import CATALOGUE
+from poolwatch._loopback import LoopbackServer
+
+#: What Prometheus 2.x sends when it scrapes.
+PROMETHEUS_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
+    "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def samples_of(text: bytes, *, openmetrics: bool = False) -> Samples:
+    parse = parse_openmetrics_families if openmetrics else text_string_to_metric_families
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in parse(text.decode())
+        for s in family.samples
+    }
+
+
+def family_names(text: bytes) -> list[str]:
+    return [line.split()[2] for line in text.decode().splitlines() if line.startswith("# TYPE ")]
+
+
+def get(url: str, **headers: str) -> tuple[bytes, dict[str, str]]:
+    request = urllib.request.Request(url, headers=headers)
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return response.read(), dict(response.headers)
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    """A registry with poolwatch and one metric of the application's own on it."""
+    registry = CollectorRegistry()
+    Counter("app_jobs", "The application's own counter.", registry=registry).inc(3)
+    poolwatch.prometheus.enable(registry)
+    return registry
+
+
+@pytest.fixture
+def served(registry: CollectorRegistry) -> Iterator[str]:
+    server, thread = poolwatch.prometheus.start_http_server(0, registry=registry)
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+@contextlib.contextmanager
+def traffic(hx: Any, server: LoopbackServer, name: str) -> Iterator[Any]:
+    """An instrumented client after three requests and one that failed."""
+    with hx.Client(limits=hx.Limits(max_connections=2)) as client:
+        poolwatch.instrument(client, name=name)
+        for _ in range(3):
+            client.get(f"{server.url}/ok")
+        with pytest.raises(hx.RemoteProtocolError):
+            client.get(f"{server.url}/drop")
+        yield client
+
+
+def test_prometheus_gets_openmetrics_gzipped_with_the_same_samples_as_prometheus_client_writes(
+    hx: Any, loopback_server: LoopbackServer, registry: CollectorRegistry, served: str
+) -> None:
+    with traffic(hx, loopback_server, "om"):
+        body, headers = get(
+            f"{served}/metrics", Accept=PROMETHEUS_ACCEPT, **{"Accept-Encoding": "gzip"}
+        )
+        expected = openmetrics_latest(registry)
+    assert headers["Content-Encoding"] == "gzip"
+    assert headers["Content-Type"].startswith("application/openmetrics-text; version=1.0.0")
+    page = gzip.decompress(body)
+    assert page.endswith(b"\n# EOF\n")
+    assert page.count(b"# EOF") == 1
+    assert samples_of(page, openmetrics=True) == samples_of(expected, openmetrics=True)
+    assert sorted(family_names(page)) == sorted(family_names(expected))
+
+
+def test_a_plain_scrape_gets_the_text_format_with_every_family_once(
+    hx: Any, loopback_server: LoopbackServer, registry: CollectorRegistry, served: str
+) -> None:
+    with traffic(hx, loopback_server, "text"):
+        page, headers = get(f"{served}/metrics")
+        expected = generate_latest(registry)
+    assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    assert "Content-Encoding" not in headers
+    assert samples_of(page) == samples_of(expected)
+    names = family_names(page)
+    # + the application's counter and the _created gauge prometheus_client gives it
+    assert len(names) == len(set(names)) == len(CATALOGUE) + 2
+    assert samples_of(page)[("app_jobs_total", ())] == 3
+
+
+def test_a_page_filtered_by_name_holds_only_those_metrics(
+    hx: Any, loopback_server: LoopbackServer, served: str
+) -> None:
+    with traffic(hx, loopback_server, "filtered"):
+        page, _headers = get(f"{served}/metrics?name[]=poolwatch_pool_requests_total")
+    assert {name for name, _labels in samples_of(page)} == {"poolwatch_pool_requests_total"}
+
+
+@pytest.mark.parametrize(
+    "name", ['quoted "pool"', "back\\slash", "two\nlines", "ünïcode 池", "{braces} %d %s"]
+)
+def test_pool_names_that_need_escaping_read_back_the_same_in_both_formats(
+    name: str, hx: Any, loopback_server: LoopbackServer, registry: CollectorRegistry
+) -> None:
+    with traffic(hx, loopback_server, name):
+        text, text_type = poolwatch.prometheus._render(registry, "")
+        om, om_type = poolwatch.prometheus._render(registry, PROMETHEUS_ACCEPT)
+        assert samples_of(text) == samples_of(generate_latest(registry))
+        assert samples_of(om, openmetrics=True) == samples_of(
+            openmetrics_latest(registry), openmetrics=True
+        )
+    assert text_type.startswith("text/plain")
+    assert om_type.startswith("application/openmetrics")
+    assert {dict(labels).get("pool_name") for _n, labels in samples_of(text)} >= {name}
+
+
+def test_series_reused_from_the_last_scrape_are_rewritten_once_they_move(
+    hx: Any, loopback_server: LoopbackServer, registry: CollectorRegistry
+) -> None:
+    with traffic(hx, loopback_server, "moving") as client:
+        pages = []
+        for _ in range(3):
+            pages.append(poolwatch.prometheus.generate_latest(registry))
+            assert samples_of(pages[-1]) == samples_of(generate_latest(registry))
+            client.get(f"{loopback_server.url}/ok")
+    assert pages[0] != pages[1] != pages[2]
+    requests = [
+        sum(v for (n, _), v in samples_of(p).items() if n == "poolwatch_pool_requests_total")
+        for p in pages
+    ]
+    assert requests == [4, 5, 6]  # three /ok and the dropped one, then one more each time
+
+
+def test_when_poolwatch_cannot_write_the_pools_prometheus_client_writes_them_and_it_logs_once(
+    hx: Any,
+    loopback_server: LoopbackServer,
+    registry: CollectorRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def broken(*_args: Any, **_kwargs: Any) -> str:
+        raise RuntimeError("cannot write")
+
+    monkeypatch.setattr(poolwatch.prometheus._exposition, "render", broken)
+    with caplog.at_level(logging.INFO, logger="poolwatch"), traffic(hx, loopback_server, "x"):
+        pages = [poolwatch.prometheus.generate_latest(registry) for _ in range(2)]
+        expected = samples_of(generate_latest(registry))
+    assert all(samples_of(page) == expected for page in pages)
+    assert any(dict(labels).get("pool_name") == "x" for _n, labels in expected)
+    errors = [r.getMessage() for r in caplog.records if "internal error" in r.getMessage()]
+    assert len(errors) == 1
+    assert "prometheus render" in errors[0]
+
+
+def test_a_registry_poolwatch_is_not_enabled_on_gets_prometheus_clients_page_unchanged(
+    hx: Any, loopback_server: LoopbackServer
+) -> None:
+    registry = CollectorRegistry()
+    Counter("app_only", "Nothing of poolwatch's.", registry=registry).inc()
+    with traffic(hx, loopback_server, "elsewhere"):
+        assert poolwatch.prometheus.generate_latest(registry) == generate_latest(registry)
