@@ -204,28 +204,51 @@ def watch_connection(
         maybe_h2=_httpcore.may_speak_http2(pool, scheme),
         connected=connected,
     )
-    key = id(conn)
-    core.conns[key] = record
-    cna = flavour.connection_not_available
+    site = _Site(core, conn, record, flavour, hooks)
+    core.conns[site.key] = record
     cls = type(conn)
     if is_async:
-        conn.handle_async_request = _async_connection_call(
-            core, conn, cls, record, cna, flavour, hooks
-        )
-        conn.aclose = _async_connection_close(core, conn, cls, record, key, hooks)
+        conn.handle_async_request = _async_connection_call(site, cls)
+        conn.aclose = _async_connection_close(site, cls)
     else:
-        conn.handle_request = _sync_connection_call(core, conn, cls, record, cna, flavour, hooks)
-        conn.close = _sync_connection_close(core, conn, cls, record, key, hooks)
+        conn.handle_request = _sync_connection_call(site, cls)
+        conn.close = _sync_connection_close(site, cls)
+
+
+class _Site:
+    """What every request through one connection shares (or through one pool-less transport,
+    with no connection): built once, so a request's own objects carry one reference to it."""
+
+    __slots__ = ("cna", "conn", "core", "flavour", "hooks", "key", "record")
+
+    def __init__(
+        self,
+        core: PoolCore,
+        conn: Any,
+        record: ConnRecord | None,
+        flavour: Flavour,
+        hooks: Hooks,
+    ) -> None:
+        self.core = core
+        self.conn = conn
+        self.record = record
+        self.key = id(conn) if conn is not None else 0
+        self.flavour = flavour
+        self.hooks = hooks
+        self.cna = flavour.connection_not_available
 
 
 def _enter_connection(
-    core: PoolCore, record: ConnRecord, request: Any, is_async: bool
+    site: _Site, request: Any, is_async: bool
 ) -> tuple[RequestRecord | None, Any]:
     """Bookkeeping as a request enters a connection; returns (rec, extensions to restore)."""
     rec = _CURRENT.get()
     if rec is None or rec.done:
         return None, None
+    record = site.record
+    assert record is not None
     traced = record.maybe_h2 or not record.connected
+    core = site.core
     try:
         core.acquire(rec, record, end_queue=not record.maybe_h2)
         if not traced:
@@ -243,39 +266,24 @@ def _enter_connection(
 
 
 def _headers_arrived(
-    core: PoolCore,
-    rec: RequestRecord,
-    conn: Any,
-    record: ConnRecord,
-    key: int,
-    response: Any,
-    flavour: Flavour,
-    hooks: Hooks,
-    closer: type[_StreamClose],
+    site: _Site, rec: RequestRecord, response: Any, closer: type[_StreamClose]
 ) -> None:
     """The connection call returned the response headers: watch the stream for its end."""
-    name = "aclose" if closer is _AsyncStreamClose else "close"
-    stream = response.stream
-    ref = None
+    ref = _watch_stream(site, rec, response.stream, closer)
+    record = site.record
     try:
-        close = closer(core, rec, conn, record, key, flavour, hooks, stream, name)
-        setattr(stream, name, close)
-        ref = close.ref
-    except Exception as exc:
-        report_internal_error("response stream watch", exc)
-    try:
-        http_version = record.http_version
+        http_version = record.http_version if record is not None else None
         if http_version is None:
             raw = response.extensions.get("http_version", b"")
             http_version = "2" if raw == b"HTTP/2" else "1.1" if raw else None
-        core.call_exit(rec, status=response.status, http_version=http_version, leak_ref=ref)
+        site.core.call_exit(rec, status=response.status, http_version=http_version, leak_ref=ref)
     except Exception as exc:
         report_internal_error("response headers bookkeeping", exc)
-    if hooks.on_headers is not None:
-        _call_hook(hooks.on_headers, rec, "response headers hook")
+    if site.hooks.on_headers is not None:
+        _call_hook(site.hooks.on_headers, rec, "response headers hook")
     if ref is None:
         # Without a close hook the request's end is unknowable: end it now rather than never.
-        _stream_closed(core, rec, conn, record, key, flavour, hooks)
+        _stream_closed(site, rec)
 
 
 def _requeue(core: PoolCore, rec: RequestRecord) -> None:
@@ -285,108 +293,96 @@ def _requeue(core: PoolCore, rec: RequestRecord) -> None:
         report_internal_error("requeue bookkeeping", exc)
 
 
-def _connection_call_failed(
-    core: PoolCore, rec: RequestRecord, conn: Any, record: ConnRecord, key: int, hooks: Hooks
-) -> None:
+def _connection_call_failed(site: _Site, rec: RequestRecord) -> None:
     try:
-        core.call_exit(rec, failed=True)
-        if _httpcore.is_connection_closed(conn) or not record.connected:
-            _connection_gone(core, record, key, hooks)
+        site.core.call_exit(rec, failed=True)
+        record = site.record
+        if record is not None and (
+            _httpcore.is_connection_closed(site.conn) or not record.connected
+        ):
+            _connection_gone(site.core, record, site.key, site.hooks)
     except Exception as exc:
         report_internal_error("connection failure bookkeeping", exc)
 
 
-def _async_connection_call(
-    core: PoolCore,
-    conn: Any,
-    cls: type,
-    record: ConnRecord,
-    cna: type[BaseException],
-    flavour: Flavour,
-    hooks: Hooks,
-) -> Callable[[Any], Awaitable[Any]]:
-    key = id(conn)
+def _async_connection_call(site: _Site, cls: type) -> Callable[[Any], Awaitable[Any]]:
+    conn = site.conn
+    cna = site.cna
 
     async def handle_async_request(request: Any) -> Any:
-        rec, saved = _enter_connection(core, record, request, is_async=True)
+        rec, saved = _enter_connection(site, request, is_async=True)
         if rec is None:
             return await cls.handle_async_request(conn, request)  # type: ignore[attr-defined]
         try:
             response = await cls.handle_async_request(conn, request)  # type: ignore[attr-defined]
         except cna:
-            _requeue(core, rec)
+            _requeue(site.core, rec)
             raise
         except BaseException:
-            _connection_call_failed(core, rec, conn, record, key, hooks)
+            _connection_call_failed(site, rec)
             raise
         finally:
             if saved is not None:
                 request.extensions = saved
-        _headers_arrived(core, rec, conn, record, key, response, flavour, hooks, _AsyncStreamClose)
+        _headers_arrived(site, rec, response, _AsyncStreamClose)
         return response
 
     return handle_async_request
 
 
-def _sync_connection_call(
-    core: PoolCore,
-    conn: Any,
-    cls: type,
-    record: ConnRecord,
-    cna: type[BaseException],
-    flavour: Flavour,
-    hooks: Hooks,
-) -> Callable[[Any], Any]:
-    key = id(conn)
+def _sync_connection_call(site: _Site, cls: type) -> Callable[[Any], Any]:
+    conn = site.conn
+    cna = site.cna
 
     def handle_request(request: Any) -> Any:
-        rec, saved = _enter_connection(core, record, request, is_async=False)
+        rec, saved = _enter_connection(site, request, is_async=False)
         if rec is None:
             return cls.handle_request(conn, request)  # type: ignore[attr-defined]
         try:
             response = cls.handle_request(conn, request)  # type: ignore[attr-defined]
         except cna:
-            _requeue(core, rec)
+            _requeue(site.core, rec)
             raise
         except BaseException:
-            _connection_call_failed(core, rec, conn, record, key, hooks)
+            _connection_call_failed(site, rec)
             raise
         finally:
             if saved is not None:
                 request.extensions = saved
-        _headers_arrived(core, rec, conn, record, key, response, flavour, hooks, _SyncStreamClose)
+        _headers_arrived(site, rec, response, _SyncStreamClose)
         return response
 
     return handle_request
 
 
-def _async_connection_close(
-    core: PoolCore, conn: Any, cls: type, record: ConnRecord, key: int, hooks: Hooks
-) -> Callable[[], Awaitable[None]]:
+def _async_connection_close(site: _Site, cls: type) -> Callable[[], Awaitable[None]]:
+    conn = site.conn
+
     async def aclose() -> None:
         try:
             await cls.aclose(conn)  # type: ignore[attr-defined]
         finally:
-            _closed(core, record, key, hooks)
+            _closed(site)
 
     return aclose
 
 
-def _sync_connection_close(
-    core: PoolCore, conn: Any, cls: type, record: ConnRecord, key: int, hooks: Hooks
-) -> Callable[[], None]:
+def _sync_connection_close(site: _Site, cls: type) -> Callable[[], None]:
+    conn = site.conn
+
     def close() -> None:
         try:
             cls.close(conn)  # type: ignore[attr-defined]
         finally:
-            _closed(core, record, key, hooks)
+            _closed(site)
 
     return close
 
 
-def _closed(core: PoolCore, record: ConnRecord, key: int, hooks: Hooks) -> None:
+def _closed(site: _Site) -> None:
     try:
-        _connection_gone(core, record, key, hooks)
+        assert site.record is not None
+        _connection_gone(site.core, site.record, site.key, site.hooks)
     except Exception as exc:
         report_internal_error("connection close bookkeeping", exc)
 
@@ -434,51 +430,51 @@ def _sync_trace(
 # -- the end of a request: the connection-level stream closes -----------------------------
 
 
-def _stream_closed(
-    core: PoolCore,
-    rec: RequestRecord,
-    conn: Any,
-    record: ConnRecord | None,
-    key: int,
-    flavour: Flavour,
-    hooks: Hooks,
-) -> None:
+def _stream_closed(site: _Site, rec: RequestRecord) -> None:
     """The response stream closed; an exception being handled means it failed mid-body."""
+    core = site.core
     try:
         exc = sys.exc_info()[1]
         error_type = None
-        if exc is not None and (flavour.owns_exception(exc) or error_type_of(exc) == "cancelled"):
+        if exc is not None and (
+            site.flavour.owns_exception(exc) or error_type_of(exc) == "cancelled"
+        ):
             error_type = error_type_of(exc)
         finished = core.finish(rec, error_type=error_type)
-        if record is not None and _httpcore.is_connection_closed(conn):
-            _connection_gone(core, record, key, hooks)
+        record = site.record
+        if record is not None and _httpcore.is_connection_closed(site.conn):
+            _connection_gone(core, record, site.key, site.hooks)
     except Exception as err:
         report_internal_error("response close bookkeeping", err)
         return
     if finished:
-        _call_hook(hooks.on_finish, rec, "request finish hook")
+        _call_hook(site.hooks.on_finish, rec, "request finish hook")
 
 
-class _LeakDetector:
-    """The weak-reference callback of a response stream: collected before it closed = leaked."""
+class _StreamRef(weakref.ref):  # type: ignore[type-arg]
+    """The weak reference to a response stream that detects leaks: collected before it
+    closed means dropped without being closed. It carries what its callback needs, so no
+    separate callback object is made per request."""
 
-    __slots__ = ("core", "hooks", "rec")
+    __slots__ = ("rec", "site")
+    rec: RequestRecord
+    site: _Site
 
-    def __init__(self, core: PoolCore, rec: RequestRecord, hooks: Hooks) -> None:
-        self.core = core
-        self.rec = rec
-        self.hooks = hooks
 
-    def __call__(self, _: weakref.ref[Any]) -> None:
-        rec = self.rec
-        try:
-            if rec.done:
-                return
-            self.core.leaked(rec)
-        except Exception as exc:
-            report_internal_error("leak detection", exc)
+def _stream_collected(ref: _StreamRef) -> None:
+    rec = ref.rec
+    try:
+        if rec.done:
             return
-        _call_hook(self.hooks.on_finish, rec, "request finish hook")
+        ref.site.core.leaked(rec)
+    except Exception as exc:
+        report_internal_error("leak detection", exc)
+        return
+    _call_hook(ref.site.hooks.on_finish, rec, "request finish hook")
+
+
+#: Stream classes, by whether they have their own ``aclose`` / ``close`` to wrap.
+_CLOSABLE: dict[tuple[type, str], bool] = {}
 
 
 class _StreamClose:
@@ -489,40 +485,32 @@ class _StreamClose:
     by reference counting as soon as the response is.
     """
 
-    __slots__ = ("conn", "core", "flavour", "hooks", "inner", "key", "rec", "record", "ref")
+    __slots__ = ("inner", "rec", "ref", "site")
+    name = ""
 
-    def __init__(
-        self,
-        core: PoolCore,
-        rec: RequestRecord,
-        conn: Any,
-        record: ConnRecord | None,
-        key: int,
-        flavour: Flavour,
-        hooks: Hooks,
-        stream: Any,
-        name: str,
-    ) -> None:
-        self.core = core
+    def __init__(self, site: _Site, rec: RequestRecord, stream: Any) -> None:
+        self.site = site
         self.rec = rec
-        self.conn = conn
-        self.record = record
-        self.key = key
-        self.flavour = flavour
-        self.hooks = hooks
+        name = self.name
         #: An instance attribute the stream already had (another instrumentation's).
         self.inner = stream.__dict__.get(name)
-        if self.inner is None and not hasattr(type(stream), name):
-            raise TypeError(f"{type(stream).__qualname__} has no {name}()")
-        self.ref = weakref.ref(stream, _LeakDetector(core, rec, hooks))
+        if self.inner is None:
+            kind = (type(stream), name)
+            closable = _CLOSABLE.get(kind)
+            if closable is None:
+                closable = _CLOSABLE[kind] = hasattr(type(stream), name)
+            if not closable:
+                raise TypeError(f"{type(stream).__qualname__} has no {name}()")
+        ref = self.ref = _StreamRef(stream, _stream_collected)
+        ref.rec = rec
+        ref.site = site
 
-    def closed(self, name: str) -> None:
-        _stream_closed(
-            self.core, self.rec, self.conn, self.record, self.key, self.flavour, self.hooks
-        )
+    def closed(self) -> None:
+        _stream_closed(self.site, self.rec)
         # Detach, so that this object and the request record are freed now, not when the
         # garbage collector gets to the response's own reference cycle.
         stream = self.ref()
+        name = self.name
         if stream is not None and stream.__dict__.get(name) is self:
             del stream.__dict__[name]
             if self.inner is not None:
@@ -531,6 +519,7 @@ class _StreamClose:
 
 class _AsyncStreamClose(_StreamClose):
     __slots__ = ()
+    name = "aclose"
 
     async def __call__(self) -> None:
         try:
@@ -541,11 +530,12 @@ class _AsyncStreamClose(_StreamClose):
                 if stream is not None:
                     await type(stream).aclose(stream)
         finally:
-            self.closed("aclose")
+            self.closed()
 
 
 class _SyncStreamClose(_StreamClose):
     __slots__ = ()
+    name = "close"
 
     def __call__(self) -> None:
         try:
@@ -556,48 +546,20 @@ class _SyncStreamClose(_StreamClose):
                 if stream is not None:
                     type(stream).close(stream)
         finally:
-            self.closed("close")
+            self.closed()
 
 
-def _watch_async_stream(
-    core: PoolCore,
-    rec: RequestRecord,
-    conn: Any,
-    record: ConnRecord | None,
-    key: int,
-    response: Any,
-    flavour: Flavour,
-    hooks: Hooks,
-) -> None:
-    stream = response.stream
+def _watch_stream(
+    site: _Site, rec: RequestRecord, stream: Any, closer: type[_StreamClose]
+) -> _StreamRef | None:
+    """Wrap the stream's close; the weak reference that detects a leak, None if it cannot."""
     try:
-        close = _AsyncStreamClose(core, rec, conn, record, key, flavour, hooks, stream, "aclose")
-        stream.aclose = close
-        core.watch_for_leak(rec, close.ref)
-    except Exception as exc:
-        # Without a close hook the request's end is unknowable: end it now rather than never.
-        report_internal_error("response stream watch", exc)
-        _stream_closed(core, rec, conn, record, key, flavour, hooks)
-
-
-def _watch_sync_stream(
-    core: PoolCore,
-    rec: RequestRecord,
-    conn: Any,
-    record: ConnRecord | None,
-    key: int,
-    response: Any,
-    flavour: Flavour,
-    hooks: Hooks,
-) -> None:
-    stream = response.stream
-    try:
-        stream.close = _SyncStreamClose(
-            core, rec, conn, record, key, flavour, hooks, stream, "close"
-        )
+        close = closer(site, rec, stream)
+        setattr(stream, closer.name, close)
     except Exception as exc:
         report_internal_error("response stream watch", exc)
-        _stream_closed(core, rec, conn, record, key, flavour, hooks)
+        return None
+    return close.ref
 
 
 # -- transports without an httpcore pool: request-level figures only ----------------------
@@ -627,11 +589,29 @@ def _transport_headers(core: PoolCore, rec: RequestRecord, response: Any, hooks:
     _call_hook(hooks.on_headers, rec, "response headers hook")
 
 
+def _transport_stream(
+    site: _Site, rec: RequestRecord, response: Any, closer: type[_StreamClose]
+) -> None:
+    """Watch a pool-less transport's response for its end (or end it: already read)."""
+    if getattr(response, "is_closed", False):  # built from bytes: already read
+        _stream_closed(site, rec)
+        return
+    ref = _watch_stream(site, rec, response.stream, closer)
+    if ref is None:  # the request's end is unknowable: end it now rather than never
+        _stream_closed(site, rec)
+        return
+    try:
+        site.core.watch_for_leak(rec, ref)
+    except Exception as exc:
+        report_internal_error("response stream watch", exc)
+
+
 def async_transport_entry(
     core: PoolCore, transport: Any, previous: Any, flavour: Flavour, hooks: Hooks
 ) -> Callable[[Any], Awaitable[Any]]:
     """The replacement for ``handle_async_request`` of a transport with no httpcore pool."""
     cls = type(transport)
+    site = _Site(core, None, None, flavour, hooks)
 
     async def handle_async_request(request: Any) -> Any:
         rec = _start_at_transport(core, request, hooks)
@@ -646,10 +626,7 @@ def async_transport_entry(
             raise
         if rec is not None:
             _transport_headers(core, rec, response, hooks)
-            if getattr(response, "is_closed", False):  # built from bytes: already read
-                _stream_closed(core, rec, None, None, 0, flavour, hooks)
-            else:
-                _watch_async_stream(core, rec, None, None, 0, response, flavour, hooks)
+            _transport_stream(site, rec, response, _AsyncStreamClose)
         return response
 
     return handle_async_request
@@ -660,6 +637,7 @@ def sync_transport_entry(
 ) -> Callable[[Any], Any]:
     """The replacement for ``handle_request`` of a transport with no httpcore pool."""
     cls = type(transport)
+    site = _Site(core, None, None, flavour, hooks)
 
     def handle_request(request: Any) -> Any:
         rec = _start_at_transport(core, request, hooks)
@@ -674,10 +652,7 @@ def sync_transport_entry(
             raise
         if rec is not None:
             _transport_headers(core, rec, response, hooks)
-            if getattr(response, "is_closed", False):  # built from bytes: already read
-                _stream_closed(core, rec, None, None, 0, flavour, hooks)
-            else:
-                _watch_sync_stream(core, rec, None, None, 0, response, flavour, hooks)
+            _transport_stream(site, rec, response, _SyncStreamClose)
         return response
 
     return handle_request
