@@ -3,6 +3,7 @@ idempotence, restoring the client, and the user's own hooks and trace callbacks.
 
 from __future__ import annotations
 
+import gc
 import logging
 from typing import Any
 
@@ -152,6 +153,43 @@ def test_a_custom_transport_without_a_pool_still_gets_request_level_figures(hx: 
     (origin,) = snap.origins
     assert (origin.address, origin.port, origin.scheme) == ("mock.test", 80, "http")
     assert snap.request_duration.count == 2
+
+
+def test_a_response_dropped_unclosed_from_a_transport_without_a_pool_counts_as_leaked(
+    hx: Any,
+) -> None:
+    def handler(request: Any) -> Any:
+        return hx.Response(200, content=iter([b"never ", b"read"]))
+
+    with hx.Client(transport=hx.MockTransport(handler)) as client:
+        poolwatch.instrument(client)
+        response = client.send(client.build_request("GET", "http://mock.test/"), stream=True)
+        assert poolwatch.snapshot(client).active_requests == 1
+        del response
+        gc.collect()
+        snap = poolwatch.snapshot(client)
+    assert (snap.leaked_responses_total, snap.active_requests) == (1, 0)
+
+
+@pytest.mark.anyio
+async def test_an_async_response_dropped_unclosed_from_a_transport_without_a_pool_is_leaked(
+    hx: Any,
+) -> None:
+    async def body() -> Any:
+        yield b"never read"
+
+    def handler(request: Any) -> Any:
+        return hx.Response(200, content=body())
+
+    async with hx.AsyncClient(transport=hx.MockTransport(handler)) as client:
+        poolwatch.instrument(client)
+        request = client.build_request("GET", "http://mock.test/")
+        response = await client.send(request, stream=True)
+        assert poolwatch.snapshot(client).active_requests == 1
+        del response
+        gc.collect()
+        snap = poolwatch.snapshot(client)
+    assert (snap.leaked_responses_total, snap.active_requests) == (1, 0)
 
 
 @pytest.mark.anyio
