@@ -435,12 +435,29 @@ class PoolCore:
             if conn is not None and not rec.leaked:
                 conn.inflight -= 1
             self.request_duration.observe(now - rec.t_start)
+            if len(self.request_duration.waiting) >= _FOLD_AT:
+                self._fold()
             if error_type is not None:
                 rec.error_type = error_type
                 origin.errors[error_type] = origin.errors.get(error_type, 0) + 1
             if pool_timeout:
                 origin.timeouts += 1
             return True
+
+    def _fold(self) -> None:
+        """Sort every histogram's waiting values into buckets (caller holds the lock).
+
+        Every request adds at most one value to each histogram, and the request duration gets
+        one from every request: when it has ``_FOLD_AT`` waiting, none has more.
+        """
+        for h in (self.connect_time, self.tls_time, self.ttfb, self.request_duration):
+            h.fold()
+        for o in self._origins.values():
+            o.time_in_queue.fold()
+            o.connection_duration.fold()
+        if self._overflow is not None:
+            self._overflow.time_in_queue.fold()
+            self._overflow.connection_duration.fold()
 
     def _observe_phases(self, rec: RequestRecord) -> None:
         """Queue wait, connect and TLS into the histograms, once (caller holds the lock)."""
@@ -536,6 +553,9 @@ def _snapshot_origin(o: OriginStats) -> OriginSnapshot:
         connection_duration=o.connection_duration.snapshot(),
     )
 
+
+#: Waiting histogram values that make ``finish()`` fold them (bounds memory between reads).
+_FOLD_AT = 1024
 
 _CONNECT = 1
 _TLS = 2

@@ -1,33 +1,49 @@
-"""A fixed-bucket histogram: one ``bisect`` and two additions per observation."""
+"""A fixed-bucket histogram whose observations cost one list append on the request path."""
 
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
 class Histogram:
     """Cumulative-at-read histogram with upper-inclusive bounds (Prometheus ``le`` semantics).
 
-    Not thread-safe by itself: the pool core updates it under its own lock.
+    ``observe`` is the ``append`` of a list of waiting values: one C call per observation.
+    The values are sorted into buckets when the histogram is read (``snapshot()``), or by
+    ``fold()`` when the owner sees ``waiting`` grow long, so memory stays bounded when nobody
+    reads. Not thread-safe by itself: the pool core uses it under its own lock.
     """
 
-    __slots__ = ("_last", "bounds", "count", "counts", "sum")
+    __slots__ = ("_last", "bounds", "count", "counts", "observe", "sum", "waiting")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)  # the last slot is +Inf
         self.count = 0
         self.sum = 0.0
+        #: Observed, not yet in a bucket.
+        self.waiting: list[float] = []
+        self.observe: Callable[[float], None] = self.waiting.append
         self._last: HistogramSnapshot | None = None
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.count += 1
-        self.sum += value
+    def fold(self) -> None:
+        """Sort the waiting values into their buckets."""
+        waiting = self.waiting
+        if not waiting:
+            return
+        counts = self.counts
+        bounds = self.bounds
+        for value in waiting:
+            counts[bisect_left(bounds, value)] += 1
+        self.count += len(waiting)
+        self.sum += sum(waiting)
+        waiting.clear()
 
     def snapshot(self) -> HistogramSnapshot:
         """The state now; the same object as last time while nothing was observed since."""
+        self.fold()
         last = self._last
         if last is None or last.count != self.count:
             last = self._last = HistogramSnapshot(
