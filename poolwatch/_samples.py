@@ -9,13 +9,27 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TypeAlias
 
+from . import _api
 from . import _catalogue as c
 from ._histogram import HistogramSnapshot
+from ._safety import report_internal_error
 from ._snapshot import PoolSnapshot
 
 #: One series' value: ``(spec, label values aligned with spec.attributes, value)``. A plain
 #: tuple: a scrape of 100 pools makes thousands, and a named tuple costs twice as much.
 Sample: TypeAlias = tuple[c.MetricSpec, tuple[str, ...], "float | HistogramSnapshot"]
+
+
+def every_pool(site: str) -> Iterator[Sample]:
+    """The samples of every watched pool; a pool that fails to read is left out (and logged
+    once under ``site``), never the others."""
+    for watch in _api.watches():
+        try:
+            pool = list(samples(watch.snapshot()))
+        except Exception as exc:
+            report_internal_error(site, exc)
+            continue
+        yield from pool
 
 
 def samples(snap: PoolSnapshot) -> Iterator[Sample]:
@@ -37,9 +51,12 @@ def samples(snap: PoolSnapshot) -> Iterator[Sample]:
         (c.TIME_TO_FIRST_BYTE, snap.time_to_first_byte),
         (c.REQUEST_DURATION, snap.request_duration),
     ):
-        plain_http_only = all(o.scheme == "http" for o in snap.origins)
-        if spec is c.TLS_TIME and not histogram.count and plain_http_only:
-            continue  # no handshake to time (yet)
+        if (
+            spec is c.TLS_TIME
+            and not histogram.count
+            and all(o.scheme == "http" for o in snap.origins)
+        ):
+            continue  # plain HTTP only (so far): no handshake to time
         yield (spec, pool, histogram)
 
     open_conns: dict[tuple[str, str, str, str, str], int] = {}

@@ -182,31 +182,18 @@ class ClientWatch:
                             continue
                         origin = core.origin(origin_key)
                         is_idle = _httpcore.is_connection_idle(conn)
+                        connecting = False
                         version = _httpcore.connection_http_version(conn) or ""
                     else:
                         origin = record.origin
                         version = record.http_version or ""
-                        if record.inflight == 0 and not record.connected:
-                            key = (
-                                origin.scheme,
-                                origin.address,
-                                origin.port,
-                                "connecting",
-                                version,
-                            )
-                            groups[key] = groups.get(key, 0) + 1
-                            continue
                         is_idle = record.inflight == 0
-                        if is_idle and not version:
+                        connecting = is_idle and not record.connected
+                        if is_idle and not connecting and not version:
                             version = _httpcore.connection_http_version(conn) or ""
-                    key = (
-                        origin.scheme,
-                        origin.address,
-                        origin.port,
-                        "idle" if is_idle else "active",
-                        version,
-                    )
-                    if is_idle:
+                    state = "connecting" if connecting else "idle" if is_idle else "active"
+                    key = (origin.scheme, origin.address, origin.port, state, version)
+                    if state == "idle":
                         to_check.append((conn, version))
                         idle_keys[id(conn)] = key
                     else:

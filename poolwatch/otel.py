@@ -36,7 +36,7 @@ from ._core import OriginStats, RequestRecord
 from ._histogram import HistogramSnapshot
 from ._redact import FORBIDDEN_HEADERS, redact_url
 from ._safety import report_internal_error
-from ._samples import Sample, samples
+from ._samples import Sample, every_pool
 from ._version import __version__
 from ._watch import ClientWatch
 
@@ -169,12 +169,7 @@ class _OtelExporter:
             taken, cached = self._cache
             if now - taken < 0.2:
                 return cached
-            out: list[Sample] = []
-            for watch in _api.watches():
-                try:
-                    out.extend(samples(watch.snapshot()))
-                except Exception as exc:
-                    report_internal_error("otel collect", exc)
+            out = list(every_pool("otel collect"))
             self._cache = (now, out)
             return out
 

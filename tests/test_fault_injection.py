@@ -463,7 +463,7 @@ def test_failing_opentelemetry_hooks_and_callbacks_leave_every_request_as_it_is(
     without = run_async(hx, loopback_server, watched=False)
     for hook in ("_on_start", "_on_headers", "_on_finish", "_record_phases", "_origin_attributes"):
         monkeypatch.setattr(poolwatch.otel._OtelExporter, hook, _raise)
-    monkeypatch.setattr(poolwatch.otel, "samples", _raise)
+    monkeypatch.setattr(poolwatch._samples, "samples", _raise)  # what every_pool() reads
 
     async def main() -> list[Outcome]:
         async with hx.AsyncClient(limits=hx.Limits(max_connections=1), timeout=5.0) as client:
