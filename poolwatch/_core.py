@@ -222,6 +222,11 @@ class PoolCore:
         self.pending = 0
         self.active = 0
         self.leaked_count = 0
+        #: Counts the changes a snapshot can show that may happen while no request is in
+        #: flight: a request starting, an origin appearing, a connection closing. (A request's
+        #: own changes all happen between its ``start()`` and its ``finish()``.) While it stands
+        #: still and nothing is in flight, the last snapshot is still true.
+        self.changes = 0
         #: Request phases, pool-wide (the dashboard reads them by pool; per origin they were
         #: two thirds of a scrape).
         self.connect_time = Histogram(CONNECT_TIME.buckets)
@@ -255,12 +260,14 @@ class PoolCore:
                 overflow = self._overflow
                 if overflow is None:
                     overflow = self._overflow = OriginStats("", OVERFLOW_ADDRESS, 0)
+                    self.changes += 1
                     if self._on_origin_overflow is not None:
                         self._on_origin_overflow(self)
                 return overflow
             scheme, host, port = key
             stats = OriginStats(scheme.decode("ascii"), host.decode("ascii"), port or 0)
             self._origins[key] = stats
+            self.changes += 1
             return stats
 
     # -- a request's steps -----------------------------------------------------------------
@@ -279,6 +286,7 @@ class PoolCore:
                 rec.t_queue_end = rec.t_ready = rec.t_start
                 rec.observed = True  # no pool: no queue, connect or TLS to observe
             self.active += 1
+            self.changes += 1
             origin.active_requests += 1
             self._inflight[id(rec)] = rec
         return rec
@@ -498,6 +506,7 @@ class PoolCore:
         """
         now = self.clock()
         with self._lock:
+            self.changes += 1
             self.conns.pop(key, None)
             if conn.closed:
                 return None

@@ -22,46 +22,79 @@ from collections.abc import Iterable
 
 from ._catalogue import CATALOGUE, MetricSpec
 from ._histogram import HistogramSnapshot
-from ._samples import Sample
+from ._safety import report_internal_error
+from ._samples import samples
+from ._snapshot import PoolSnapshot
 
 
 class Exposition:
-    """Renders samples in the catalogue's order, reusing every series' text it built before."""
+    """Renders pools' snapshots in the catalogue's order, reusing every text it built before.
+
+    Each pool keeps its own text: a pool whose snapshot is the very object of the last scrape
+    (a client at rest, see ``ClientWatch.snapshot``) costs one list append per family.
+    """
 
     def __init__(self) -> None:
-        self._series: dict[tuple[MetricSpec, tuple[str, ...]], _Series] = {}
+        self._pools: dict[str, _PoolText] = {}
         self._lock = threading.Lock()  # scrapes may run in parallel server threads
-        self._generation = 0
 
-    def render(self, samples: Iterable[Sample], *, openmetrics: bool = False) -> str:
-        """The samples as exposition text (without OpenMetrics' ``# EOF``)."""
+    def render(self, snapshots: Iterable[PoolSnapshot], *, openmetrics: bool = False) -> str:
+        """The pools as exposition text (without OpenMetrics' ``# EOF``).
+
+        A pool that fails to render is left out (and logged once), never the others.
+        """
         with self._lock:
-            return self._render(samples, openmetrics)
-
-    def _render(self, samples: Iterable[Sample], openmetrics: bool) -> str:
-        parts: dict[MetricSpec, list[str]] = {spec: [] for spec in CATALOGUE}
-        cache = self._series
-        self._generation = generation = self._generation + 1
-        seen = 0
-        for spec, labels, value in samples:
-            series = cache.get((spec, labels))
-            if series is None:
-                series = cache[spec, labels] = _Series(spec, labels)
-            series.generation = generation
-            seen += 1
-            if type(value) is int:
-                parts[spec].append(f"{series.prefix}{value}\n")
-            elif isinstance(value, HistogramSnapshot):
-                parts[spec].append(series.histogram(value))
-            else:
-                parts[spec].append(f"{series.prefix}{_number(value)}\n")
-        if len(cache) > 2 * seen + 1024:  # series of pools long gone
-            self._series = {k: v for k, v in cache.items() if v.generation == generation}
+            parts: dict[MetricSpec, list[str]] = {spec: [] for spec in CATALOGUE}
+            previous, current = self._pools, {}
+            for snap in snapshots:
+                pool = previous.get(snap.name) or _PoolText()
+                try:
+                    fragments = pool.fragments(snap)
+                except Exception as exc:
+                    report_internal_error("prometheus render", exc)
+                    continue
+                current[snap.name] = pool  # pools gone since the last scrape are forgotten
+                for spec, text in fragments:
+                    parts[spec].append(text)
+            self._pools = current
         out: list[str] = []
         for spec in CATALOGUE:
             out.append(_HEADERS[spec][openmetrics])
             out.extend(parts[spec])
         return "".join(out)
+
+
+class _PoolText:
+    """One pool's series, and its text per family as of its last snapshot."""
+
+    __slots__ = ("last", "series", "text")
+
+    def __init__(self) -> None:
+        self.series: dict[tuple[MetricSpec, tuple[str, ...]], _Series] = {}
+        self.last: PoolSnapshot | None = None
+        self.text: list[tuple[MetricSpec, str]] = []
+
+    def fragments(self, snap: PoolSnapshot) -> list[tuple[MetricSpec, str]]:
+        if snap is self.last:
+            return self.text
+        by_spec: dict[MetricSpec, list[str]] = {}
+        series = self.series
+        for spec, labels, value in samples(snap):
+            one = series.get((spec, labels))
+            if one is None:
+                one = series[spec, labels] = _Series(spec, labels)
+            lines = by_spec.get(spec)
+            if lines is None:
+                lines = by_spec[spec] = []
+            if type(value) is int:
+                lines.append(f"{one.prefix}{value}\n")
+            elif isinstance(value, HistogramSnapshot):
+                lines.append(one.histogram(value))
+            else:
+                lines.append(f"{one.prefix}{_number(value)}\n")
+        self.text = [(spec, "".join(lines)) for spec, lines in by_spec.items()]
+        self.last = snap
+        return self.text
 
 
 class _Series:

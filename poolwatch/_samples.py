@@ -20,12 +20,23 @@ from ._snapshot import PoolSnapshot
 Sample: TypeAlias = tuple[c.MetricSpec, tuple[str, ...], "float | HistogramSnapshot"]
 
 
-def every_pool(site: str) -> Iterator[Sample]:
-    """The samples of every watched pool; a pool that fails to read is left out (and logged
+def every_snapshot(site: str) -> Iterator[PoolSnapshot]:
+    """A snapshot of every watched pool; a pool that fails to read is left out (and logged
     once under ``site``), never the others."""
     for watch in _api.watches():
         try:
-            pool = list(samples(watch.snapshot()))
+            snap = watch.snapshot()
+        except Exception as exc:
+            report_internal_error(site, exc)
+            continue
+        yield snap
+
+
+def every_pool(site: str) -> Iterator[Sample]:
+    """The samples of every watched pool, with ``every_snapshot``'s care."""
+    for snap in every_snapshot(site):
+        try:
+            pool = list(samples(snap))
         except Exception as exc:
             report_internal_error(site, exc)
             continue

@@ -36,6 +36,20 @@ class _TransportPatch:
         self.previous = previous
 
 
+class _AtRest:
+    """The last snapshot of a client with nothing in flight, and what would make it stale."""
+
+    __slots__ = ("changes", "dead", "idle", "snapshot")
+
+    def __init__(
+        self, changes: int, idle: list[tuple[Any, str]], dead: set[int], snapshot: PoolSnapshot
+    ) -> None:
+        self.changes = changes  # the core's change count when it was read
+        self.idle = idle  # its idle connections (with their protocol versions)
+        self.dead = dead  # those of them the server had closed
+        self.snapshot = snapshot
+
+
 class ClientWatch:
     """poolwatch's attachment to one httpx / httpx2 client."""
 
@@ -58,6 +72,7 @@ class ClientWatch:
         self.on_saturation = on_saturation
         self._pools: list[_PoolPatch] = []
         self._transports: list[_TransportPatch] = []
+        self._at_rest: _AtRest | None = None
         for transport, pool in _httpcore.iter_pools(client, flavour):
             if pool is not None:
                 if not any(p.pool is pool for p in self._pools):
@@ -139,6 +154,7 @@ class ClientWatch:
             _httpcore.unpatch(t.transport, t.entry_name, t.previous)
         self._pools.clear()
         self._transports.clear()
+        self._at_rest = None
 
     @property
     def alive(self) -> bool:
@@ -164,8 +180,23 @@ class ClientWatch:
         return total
 
     def snapshot(self) -> PoolSnapshot:
-        """Read the pools and the core, and put them together."""
+        """Read the pools and the core, and put them together.
+
+        A client at rest is read once: while nothing is in flight and the core has not
+        changed, the last snapshot is still true, once a poll shows the server closed none of
+        its idle connections since (scrapes, OTel collections and the saturation sampler all
+        read every pool, most of them quiet).
+        """
         core = self.core
+        rest = self._at_rest
+        if rest is not None and rest.changes == core.changes and core.active == 0:
+            try:
+                if _httpcore.dead_connections(rest.idle) == rest.dead:
+                    return rest.snapshot
+            except Exception:  # read in full below, which reports the failure
+                pass
+        # Read before the pools: a change made while they are read shows as a change later.
+        changes, at_rest = core.changes, core.active == 0
         groups: dict[tuple[str, str, int, str, str], int] = {}
         to_check: list[tuple[Any, str]] = []  # idle: alive unless the server closed them
         idle_keys: dict[int, tuple[str, str, int, str, str]] = {}
@@ -205,6 +236,7 @@ class ClientWatch:
             dead = _httpcore.dead_connections(to_check) if to_check else set()
         except Exception as exc:
             dead = set()
+            at_rest = False  # not known to be true: read again next time
             report_internal_error("pool read", exc)
         for conn_id, key in idle_keys.items():
             if conn_id not in dead:  # closed by the server; httpcore has not noticed yet
@@ -224,7 +256,7 @@ class ClientWatch:
             timeouts += o.timeouts
             for error_type, n in o.errors.items():
                 errors[error_type] = errors.get(error_type, 0) + n
-        return PoolSnapshot(
+        snap = PoolSnapshot(
             name=self.name,
             max_connections=limit,
             active_connections=active,
@@ -253,3 +285,7 @@ class ClientWatch:
             time_to_first_byte=s.time_to_first_byte,
             request_duration=s.request_duration,
         )
+        self._at_rest = (
+            _AtRest(changes, to_check, dead, snap) if at_rest and not unreadable else None
+        )
+        return snap

@@ -45,7 +45,7 @@ from ._catalogue import CATALOGUE, MetricSpec
 from ._exposition import Exposition
 from ._histogram import HistogramSnapshot
 from ._safety import report_internal_error
-from ._samples import every_pool, samples
+from ._samples import every_snapshot, samples
 
 __all__ = ["PoolCollector", "enable", "generate_latest", "start_http_server"]
 
@@ -196,7 +196,7 @@ def _render(registry: CollectorRegistry, accept: str) -> tuple[bytes, str]:
         return encoder(registry), content_type
     openmetrics = content_type.startswith("application/openmetrics-text")
     try:
-        pools = _exposition.render(every_pool("prometheus collect"), openmetrics=openmetrics)
+        pools = _exposition.render(every_snapshot("prometheus collect"), openmetrics=openmetrics)
     except Exception as exc:  # poolwatch's own writer failed: prometheus_client writes it all
         report_internal_error("prometheus render", exc)
         return encoder(registry), content_type

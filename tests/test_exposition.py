@@ -20,6 +20,7 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 
 import poolwatch
+import poolwatch._exposition
 import poolwatch.prometheus
 from poolwatch._catalogue import CATALOGUE
 from poolwatch._loopback import LoopbackServer
@@ -185,3 +186,54 @@ def test_a_registry_poolwatch_is_not_enabled_on_gets_prometheus_clients_page_unc
     Counter("app_only", "Nothing of poolwatch's.", registry=registry).inc()
     with traffic(hx, loopback_server, "elsewhere"):
         assert poolwatch.prometheus.generate_latest(registry) == generate_latest(registry)
+
+
+def test_a_pool_that_cannot_be_written_is_left_out_and_the_others_stay(
+    hx: Any,
+    loopback_server: LoopbackServer,
+    registry: CollectorRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    real = poolwatch._exposition.samples
+
+    def failing_for_one(snap: poolwatch.PoolSnapshot) -> Any:
+        if snap.name == "broken":
+            raise RuntimeError("cannot write this pool")
+        return real(snap)
+
+    monkeypatch.setattr(poolwatch._exposition, "samples", failing_for_one)
+    with (
+        caplog.at_level(logging.INFO, logger="poolwatch"),
+        traffic(hx, loopback_server, "broken"),
+        traffic(hx, loopback_server, "fine"),
+    ):
+        pages = [poolwatch.prometheus.generate_latest(registry) for _ in range(2)]
+        expected = {
+            key: value
+            for key, value in samples_of(generate_latest(registry)).items()
+            if dict(key[1]).get("pool_name") != "broken"
+        }
+    for page in pages:
+        assert samples_of(page) == expected
+    assert any(dict(labels).get("pool_name") == "fine" for _n, labels in expected)
+    errors = [r.getMessage() for r in caplog.records if "internal error" in r.getMessage()]
+    assert len(errors) == 1
+    assert "prometheus render" in errors[0]
+
+
+def test_a_pool_uninstrumented_since_the_last_scrape_leaves_the_page(
+    hx: Any, loopback_server: LoopbackServer, registry: CollectorRegistry
+) -> None:
+    with (
+        traffic(hx, loopback_server, "leaving") as leaving,
+        traffic(hx, loopback_server, "staying"),
+    ):
+        before = poolwatch.prometheus.generate_latest(registry)
+        poolwatch.uninstrument(leaving)
+        after = poolwatch.prometheus.generate_latest(registry)
+        assert samples_of(after) == samples_of(generate_latest(registry))
+    pools = [
+        {dict(labels).get("pool_name") for _n, labels in samples_of(p)} for p in (before, after)
+    ]
+    assert pools == [{"leaving", "staying", None}, {"staying", None}]  # None: app_jobs

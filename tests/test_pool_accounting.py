@@ -461,3 +461,57 @@ def test_an_error_in_the_middle_of_the_body_is_counted_by_its_type(
     assert snap.errors == {"ReadError": 1, "RemoteProtocolError": 1}
     assert snap.requests_total == 2 == loopback_server.stats.requests
     assert_at_rest(snap)
+
+
+def test_a_client_at_rest_is_read_once_and_read_again_after_a_request_or_a_close(
+    hx: Any, loopback_server: LoopbackServer
+) -> None:
+    with hx.Client() as client:
+        poolwatch.instrument(client, name="at-rest")
+        client.get(f"{loopback_server.url}/ok")
+        first = poolwatch.snapshot(client)
+        assert poolwatch.snapshot(client) is first  # nothing moved: the same reading
+        assert first.idle_connections == 1 == loopback_server.stats.open_connections
+        client.get(f"{loopback_server.url}/ok")
+        second = poolwatch.snapshot(client)
+        assert second is not first
+        assert (first.requests_total, second.requests_total) == (1, 2)
+        assert poolwatch.snapshot(client) is second
+        client._transport._pool.close()  # httpcore closes every connection, as on client.close()
+        third = poolwatch.snapshot(client)
+        assert third.idle_connections == 0 == httpcore_view(client).open
+        wait_until(lambda: loopback_server.stats.open_connections == 0, what="the server's close")
+
+
+@pytest.mark.anyio
+async def test_a_client_at_rest_is_read_again_once_the_server_closes_an_idle_connection(
+    hx: Any, loopback_server_factory: Any
+) -> None:
+    server: LoopbackServer = loopback_server_factory(idle_timeout=1.0)
+    async with hx.AsyncClient() as client:
+        poolwatch.instrument(client, name="server-closes")
+        await client.get(f"{server.url}/ok")
+        before = poolwatch.snapshot(client)
+        assert before.idle_connections == 1 == server.stats.open_connections
+        assert poolwatch.snapshot(client) is before
+        await await_until(lambda: server.stats.open_connections == 0, what="the server's close")
+        after = poolwatch.snapshot(client)
+        assert after.idle_connections == 0
+        assert httpcore_view(client).idle == 1  # httpcore has not noticed yet
+        assert poolwatch.snapshot(client) is after
+
+
+@pytest.mark.anyio
+async def test_a_client_with_a_request_in_flight_is_read_afresh_every_time(
+    hx: Any, loopback_server: LoopbackServer
+) -> None:
+    async with hx.AsyncClient() as client:
+        poolwatch.instrument(client, name="in-flight")
+        async with client.stream("GET", f"{loopback_server.url}/stream?chunks=2&size=10"):
+            first = poolwatch.snapshot(client)
+            await anyio.sleep(0.05)
+            second = poolwatch.snapshot(client)
+            assert second is not first
+            assert second.active_max_age >= first.active_max_age + 0.05
+            assert second.active_requests == 1 == second.active_connections
+        assert_at_rest(poolwatch.snapshot(client))
