@@ -24,11 +24,12 @@ other instances of the same class are untouched.
 from __future__ import annotations
 
 import importlib
+import math
 import select
 import sys
 import time
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -223,10 +224,11 @@ def is_connection_closed(conn: Any) -> bool:
     return bool(conn.is_closed())
 
 
-def dead_connections(idle: list[tuple[Any, str]]) -> set[int]:
-    """The ids of the idle HTTP/1.1 connections, among ``(connection, http_version)`` pairs,
-    that the server already closed (their socket turned readable: EOF), which httpcore drops
-    only on its next pool pass (httpcore's own ``has_expired`` rule).
+class IdleSockets:
+    """The idle HTTP/1.1 connections among ``(connection, http_version)`` pairs, ready to be
+    asked, all at once and as often as needed, which of them the server already closed (their
+    socket turned readable: EOF), which httpcore notices only on its next pool pass (its own
+    ``has_expired`` rule).
 
     One ``poll()`` for all of them, on sockets looked up once per connection: httpcore's own
     check asks anyio for every extra attribute of the stream (a ``getpeername()`` included)
@@ -236,28 +238,61 @@ def dead_connections(idle: list[tuple[Any, str]]) -> set[int]:
     closes it. HTTP/2 connections are never judged from outside: a live idle one also has
     bytes waiting (a PING, a WINDOW_UPDATE, a late RST_STREAM), so they count as httpcore holds
     them, until it drops them.
+
+    The connections must stay open while this is asked again (their file descriptors would be
+    reused): the caller asks only while the core saw no connection close.
     """
-    now = time.monotonic()
-    dead: set[int] = set()
-    by_fd: dict[int, int] = {}
-    for conn, version in idle:
-        if version == "2":
-            continue
-        inner = getattr(conn, "_connection", None)
-        if inner is None:  # still connecting, or a proxy connection of another shape
-            continue
-        expire_at = getattr(inner, "_expire_at", None)
-        if expire_at is not None and now > expire_at:
-            continue
-        sock = _socket_of(inner)
-        fd = sock.fileno() if sock is not None else -1
-        if fd >= 0:
-            by_fd[fd] = id(conn)
-        elif sock is None and conn.has_expired():  # no socket to poll: httpcore's own check
-            dead.add(id(conn))
-    if by_fd:
-        dead.update(by_fd[fd] for fd in _readable(by_fd))
-    return dead
+
+    __slots__ = ("_by_fd", "_no_socket", "_poller", "_valid_until")
+
+    def __init__(self, idle: list[tuple[Any, str]]) -> None:
+        now = time.monotonic()
+        self._by_fd: dict[int, int] = {}
+        self._no_socket: list[Any] = []
+        #: The earliest keep-alive expiry among the polled ones: past it, they are not all
+        #: to be judged any more.
+        self._valid_until = math.inf
+        for conn, version in idle:
+            if version == "2":
+                continue
+            inner = getattr(conn, "_connection", None)
+            if inner is None:  # still connecting, or a proxy connection of another shape
+                continue
+            expire_at = getattr(inner, "_expire_at", None)
+            if expire_at is not None:
+                if now > expire_at:
+                    continue
+                self._valid_until = min(self._valid_until, expire_at)
+            sock = _socket_of(inner)
+            fd = sock.fileno() if sock is not None else -1
+            if fd >= 0:
+                self._by_fd[fd] = id(conn)
+            elif sock is None:  # no socket to poll: httpcore's own check
+                self._no_socket.append(conn)
+        self._poller = _poller(self._by_fd)
+
+    def dead(self) -> set[int] | None:
+        """The ids of those the server closed; ``None`` once one of them expired since (ask a
+        new ``IdleSockets``)."""
+        if time.monotonic() > self._valid_until:
+            return None
+        dead = {id(conn) for conn in self._no_socket if conn.has_expired()}
+        if self._by_fd:
+            by_fd = self._by_fd
+            dead.update(by_fd[fd] for fd in self._poller())
+        return dead
+
+
+def _poller(fds: dict[int, int]) -> Callable[[], list[int]]:
+    """A call that returns which of ``fds`` have something to read (or hit EOF or an error),
+    without waiting."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        return lambda: [fd for fd, _event in poller.poll(0)]
+    listed = list(fds)  # Windows: no poll()
+    return lambda: select.select(listed, [], [], 0)[0]
 
 
 #: The socket behind each HTTP/1.1 connection, looked up once (weakly: no connection kept).
@@ -275,17 +310,6 @@ def _socket_of(inner: Any) -> Any:
         sock = None
     _sockets[inner] = sock
     return sock
-
-
-def _readable(fds: Iterable[int]) -> list[int]:
-    """Which of ``fds`` have something to read (or hit EOF or an error), without waiting."""
-    if hasattr(select, "poll"):
-        poller = select.poll()
-        for fd in fds:
-            poller.register(fd, select.POLLIN)
-        return [fd for fd, _event in poller.poll(0)]
-    readable, _w, _x = select.select(list(fds), [], [], 0)  # Windows: no poll()
-    return readable
 
 
 # -- instance patches ------------------------------------------------------------------------

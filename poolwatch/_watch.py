@@ -39,13 +39,17 @@ class _TransportPatch:
 class _AtRest:
     """The last snapshot of a client with nothing in flight, and what would make it stale."""
 
-    __slots__ = ("changes", "dead", "idle", "snapshot")
+    __slots__ = ("changes", "dead", "snapshot", "sockets")
 
     def __init__(
-        self, changes: int, idle: list[tuple[Any, str]], dead: set[int], snapshot: PoolSnapshot
+        self,
+        changes: int,
+        sockets: _httpcore.IdleSockets | None,
+        dead: set[int],
+        snapshot: PoolSnapshot,
     ) -> None:
         self.changes = changes  # the core's change count when it was read
-        self.idle = idle  # its idle connections (with their protocol versions)
+        self.sockets = sockets  # its idle connections' sockets, to ask again
         self.dead = dead  # those of them the server had closed
         self.snapshot = snapshot
 
@@ -191,7 +195,7 @@ class ClientWatch:
         rest = self._at_rest
         if rest is not None and rest.changes == core.changes and core.active == 0:
             try:
-                if _httpcore.dead_connections(rest.idle) == rest.dead:
+                if rest.sockets is not None and rest.sockets.dead() == rest.dead:
                     return rest.snapshot
             except Exception:  # read in full below, which reports the failure
                 pass
@@ -232,12 +236,15 @@ class ClientWatch:
             except Exception as exc:
                 unreadable += 1
                 report_internal_error("pool read", exc)
+        sockets: _httpcore.IdleSockets | None = None
+        dead: set[int] | None = None
         try:
-            dead = _httpcore.dead_connections(to_check) if to_check else set()
+            sockets = _httpcore.IdleSockets(to_check)
+            dead = sockets.dead()
         except Exception as exc:
-            dead = set()
-            at_rest = False  # not known to be true: read again next time
             report_internal_error("pool read", exc)
+        if dead is None:  # not known: count them all, and read in full next time
+            sockets, dead = None, set()
         for conn_id, key in idle_keys.items():
             if conn_id not in dead:  # closed by the server; httpcore has not noticed yet
                 groups[key] = groups.get(key, 0) + 1
@@ -285,7 +292,6 @@ class ClientWatch:
             time_to_first_byte=s.time_to_first_byte,
             request_duration=s.request_duration,
         )
-        self._at_rest = (
-            _AtRest(changes, to_check, dead, snap) if at_rest and not unreadable else None
-        )
+        at_rest = at_rest and sockets is not None and not unreadable
+        self._at_rest = _AtRest(changes, sockets, dead, snap) if at_rest else None
         return snap
