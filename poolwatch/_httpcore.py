@@ -26,9 +26,9 @@ from __future__ import annotations
 import importlib
 import math
 import select
+import socket
 import sys
 import time
-import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import ModuleType
@@ -263,11 +263,11 @@ class IdleSockets:
                 if now > expire_at:
                     continue
                 self._valid_until = min(self._valid_until, expire_at)
-            sock = _socket_of(inner)
-            fd = sock.fileno() if sock is not None else -1
+            fileno = _fileno_of(inner)
+            fd = fileno() if fileno is not None else -1
             if fd >= 0:
                 self._by_fd[fd] = id(conn)
-            elif sock is None:  # no socket to poll: httpcore's own check
+            elif fileno is None:  # no socket to poll: httpcore's own check
                 self._no_socket.append(conn)
         self._poller = _poller(self._by_fd)
 
@@ -295,21 +295,34 @@ def _poller(fds: dict[int, int]) -> Callable[[], list[int]]:
     return lambda: select.select(listed, [], [], 0)[0]
 
 
-#: The socket behind each HTTP/1.1 connection, looked up once (weakly: no connection kept).
-_sockets: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+#: Where the socket's ``fileno`` is kept on httpcore's inner connection, once looked up.
+_FILENO = "_poolwatch_fileno"
 
 
-def _socket_of(inner: Any) -> Any:
-    try:
-        return _sockets[inner]
-    except KeyError:
-        pass
+def _fileno_of(inner: Any) -> Callable[[], int] | None:
+    """The ``fileno`` of the socket behind an HTTP/1.1 connection (``None``: no socket),
+    looked up once; unwrapped from asyncio's and trio's socket wrappers, whose ``fileno`` is
+    a Python call, to the socket's own."""
+    attrs = getattr(inner, "__dict__", {})
+    fileno: Callable[[], int] | None = attrs.get(_FILENO)
+    if fileno is not None:
+        return fileno
     stream = getattr(inner, "_network_stream", None)
     sock = stream.get_extra_info("socket") if stream is not None else None
-    if sock is not None and not callable(getattr(sock, "fileno", None)):
-        sock = None
-    _sockets[inner] = sock
-    return sock
+    raw = getattr(sock, "_sock", None)
+    if isinstance(raw, socket.socket):
+        sock = raw
+    found = getattr(sock, "fileno", None)
+    if not callable(found):
+        return None
+    attrs[_FILENO] = fileno = found  # as long-lived as the connection, and no longer
+    return fileno
+
+
+def forget_socket(conn: Any) -> None:
+    """Remove what ``IdleSockets`` kept on a connection."""
+    inner = getattr(conn, "_connection", None)
+    getattr(inner, "__dict__", {}).pop(_FILENO, None)
 
 
 # -- instance patches ------------------------------------------------------------------------

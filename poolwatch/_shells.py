@@ -184,6 +184,7 @@ def detach_connection(conn: Any) -> None:
     """Remove what ``watch_connection()`` attached to a connection."""
     for name in ("handle_async_request", "handle_request", "aclose", "close"):
         conn.__dict__.pop(name, None)
+    _httpcore.forget_socket(conn)
 
 
 def watch_connection(

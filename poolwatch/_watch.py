@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import weakref
+from operator import attrgetter
 from typing import Any
 
 from . import _httpcore, _shells
-from ._core import PoolCore
+from ._core import OriginStats, PoolCore
 from ._httpcore import Flavour
 from ._safety import report_internal_error
 from ._saturation import SaturationCallback, SaturationMonitor
@@ -34,6 +35,9 @@ class _TransportPatch:
         self.transport = transport
         self.entry_name = entry_name
         self.previous = previous
+
+
+_GROUP_ORDER = attrgetter("scheme", "address", "port", "state", "http_version")
 
 
 class _AtRest:
@@ -201,16 +205,18 @@ class ClientWatch:
                 pass
         # Read before the pools: a change made while they are read shows as a change later.
         changes, at_rest = core.changes, core.active == 0
-        groups: dict[tuple[str, str, int, str, str], int] = {}
+        # Open connections by (origin, state, protocol version).
+        groups: dict[tuple[OriginStats, str, str], int] = {}
         to_check: list[tuple[Any, str]] = []  # idle: alive unless the server closed them
-        idle_keys: dict[int, tuple[str, str, int, str, str]] = {}
+        idle_keys: dict[int, tuple[OriginStats, str, str]] = {}
+        conns = core.conns
         unreadable = 0
         for p in self._pools:
             try:
                 for conn in _httpcore.connections(p.pool):
-                    if _httpcore.is_connection_closed(conn):
+                    if conn.is_closed():  # httpcore's public connection interface
                         continue
-                    record = core.conns.get(id(conn))
+                    record = conns.get(id(conn))
                     if record is None:  # opened before poolwatch was attached
                         origin_key = _httpcore.connection_origin_key(conn)
                         if origin_key is None:
@@ -227,7 +233,7 @@ class ClientWatch:
                         if is_idle and not connecting and not version:
                             version = _httpcore.connection_http_version(conn) or ""
                     state = "connecting" if connecting else "idle" if is_idle else "active"
-                    key = (origin.scheme, origin.address, origin.port, state, version)
+                    key = (origin, state, version)
                     if state == "idle":
                         to_check.append((conn, version))
                         idle_keys[id(conn)] = key
@@ -250,7 +256,7 @@ class ClientWatch:
                 groups[key] = groups.get(key, 0) + 1
         s = core.snapshot()
         by_state = {"active": 0, "idle": 0, "connecting": 0}
-        for (_s, _a, _p, state, _v), n in groups.items():
+        for (_o, state, _v), n in groups.items():
             by_state[state] += n
         active = by_state["active"]
         limit = self.max_connections()
@@ -282,8 +288,13 @@ class ClientWatch:
             active_max_age=s.active_max_age,
             errors=errors,
             connections=tuple(
-                ConnectionGroup(scheme, address, port, state, version, n)
-                for (scheme, address, port, state, version), n in sorted(groups.items())
+                sorted(
+                    (
+                        ConnectionGroup(o.scheme, o.address, o.port, state, version, n)
+                        for (o, state, version), n in groups.items()
+                    ),
+                    key=_GROUP_ORDER,
+                )
             ),
             origins=s.origins,
             unreadable_pools=unreadable,

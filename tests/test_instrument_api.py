@@ -125,10 +125,14 @@ def test_uninstrument_restores_the_client_as_it_was(
         poolwatch.instrument(client)
         client.get(f"{loopback_server.url}/ok")
         (conn,) = pool.connections
+        inner_before = dict(conn._connection.__dict__)
+        poolwatch.snapshot(client)  # which keeps the socket's fileno on the connection
         assert "handle_request" in conn.__dict__
+        assert conn._connection.__dict__.keys() > inner_before.keys()
         poolwatch.uninstrument(client)
         assert pool.__dict__.keys() == before.keys()
         assert "handle_request" not in conn.__dict__
+        assert conn._connection.__dict__.keys() == inner_before.keys()
         assert client.get(f"{loopback_server.url}/ok").status_code == 200
         with pytest.raises(ValueError, match="not instrumented"):
             poolwatch.snapshot(client)
