@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Iterable
+from itertools import compress
 
 from ._catalogue import CATALOGUE, MetricSpec
 from ._histogram import HistogramSnapshot
@@ -135,7 +136,7 @@ class _Series:
         start = 0
         running = counts[0]
         # Cumulative counts change only after non-empty buckets: write runs of equal values.
-        for i in [i for i in range(1, len(counts)) if counts[i]]:
+        for i in compress(range(1, len(counts)), counts[1:]):
             value = f"{running}\n"
             pieces.append(value.join(buckets[start:i]))
             pieces.append(value)
@@ -153,7 +154,7 @@ class _Series:
 def _number(value: float) -> str:
     if type(value) is int:
         return str(value)
-    if math.isfinite(value):
+    if -math.inf < value < math.inf:
         return repr(float(value))
     return "NaN" if math.isnan(value) else ("+Inf" if value > 0 else "-Inf")
 

@@ -81,6 +81,9 @@ class ClientWatch:
         self._pools: list[_PoolPatch] = []
         self._transports: list[_TransportPatch] = []
         self._at_rest: _AtRest | None = None
+        self._last_groups: tuple[
+            dict[tuple[OriginStats, str, str], int], tuple[ConnectionGroup, ...]
+        ] = ({}, ())
         for transport, pool in _httpcore.iter_pools(client, flavour):
             if pool is not None:
                 if not any(p.pool is pool for p in self._pools):
@@ -187,6 +190,26 @@ class ClientWatch:
             total += limit
         return total
 
+    def _connection_groups(
+        self, groups: dict[tuple[OriginStats, str, str], int]
+    ) -> tuple[ConnectionGroup, ...]:
+        """The groups as the snapshot shows them; the last ones again while they are equal
+        (a busy pool's connections change state, their groups seldom do)."""
+        last_groups, last = self._last_groups
+        if groups == last_groups:
+            return last
+        made = tuple(
+            sorted(
+                (
+                    ConnectionGroup(o.scheme, o.address, o.port, state, version, n)
+                    for (o, state, version), n in groups.items()
+                ),
+                key=_GROUP_ORDER,
+            )
+        )
+        self._last_groups = (groups, made)
+        return made
+
     def snapshot(self) -> PoolSnapshot:
         """Read the pools and the core, and put them together.
 
@@ -287,15 +310,7 @@ class ClientWatch:
             pending_max_age=s.pending_max_age,
             active_max_age=s.active_max_age,
             errors=errors,
-            connections=tuple(
-                sorted(
-                    (
-                        ConnectionGroup(o.scheme, o.address, o.port, state, version, n)
-                        for (o, state, version), n in groups.items()
-                    ),
-                    key=_GROUP_ORDER,
-                )
-            ),
+            connections=self._connection_groups(groups),
             origins=s.origins,
             unreadable_pools=unreadable,
             connect_time=s.connect_time,
