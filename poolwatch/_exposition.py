@@ -6,7 +6,9 @@ of twenty buckets per origin). Here each series' text is built once: a scalar's 
 a histogram's bucket prefixes; a scrape only writes the values. A histogram whose count has not
 moved since the last scrape reuses its whole block, and the buckets of a block are written in
 runs of equal cumulative counts, ``"<count>\\n".join(prefixes)``, so a scrape costs a few
-operations per series, not per line.
+operations per series, not per line. And a pool at rest costs nothing to speak of: its
+snapshot is the very object of the last scrape (``ClientWatch.snapshot``), so its text is
+reused whole.
 
 Both formats prometheus_client speaks are written: the text format (0.0.4) and OpenMetrics 1.0
 (what Prometheus asks for first). They differ, for poolwatch's metrics, only in the family
