@@ -17,8 +17,14 @@ render
     own ``generate_latest(registry)`` of the same registry (checked to hold the same samples).
     Also the OTel side: one ``get_metrics_data()`` of an InMemoryMetricReader with
     ``poolwatch.otel.enable()`` for the same pools.
+    Unchanged, the pools are at rest: each snapshot is the last one again (after one poll of
+    its idle sockets) and each pool's text is reused. Moved, every pool is read in full
+    again, by the scrape or by the saturation sampler if its second came first (poolwatch's
+    defaults, as a service runs it). Also the time gzip (level 1, what poolwatch's server
+    uses) takes on the page.
 snapshot
-    ``poolwatch.snapshot(client)`` for one pool with 5 origins and 20 open connections.
+    ``poolwatch.snapshot(client)`` for one pool with 5 origins and 20 open connections: at
+    rest (the last reading reused) and with one request in flight (read in full).
 memory
     one instrumented client with Prometheus enabled (scraped every 10,000 requests, as a
     server would be) sends ``--requests`` requests round-robin over the 5 origins; tracemalloc
