@@ -24,7 +24,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from opentelemetry import metrics, trace
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -35,7 +35,7 @@ from . import _catalogue as c
 from ._core import OriginStats, RequestRecord
 from ._histogram import HistogramSnapshot
 from ._redact import FORBIDDEN_HEADERS, redact_url
-from ._safety import report_internal_error
+from ._safety import logger, report_internal_error
 from ._samples import Sample, every_pool
 from ._version import __version__
 from ._watch import ClientWatch
@@ -80,31 +80,50 @@ def enable(
             ``authorization``, ``x-api-key``, ``cookie`` and ``set-cookie`` never are.
         sensitive_query_parameters: more query keys whose values ``url.full`` redacts.
 
-    Calling it again with the same providers does nothing.
+    Calling it again with the same providers does nothing (with other options, it says so in
+    the log: the first call's options stay).
     """
     headers = tuple(h.lower() for h in request_headers)
     refused = sorted(set(headers) & FORBIDDEN_HEADERS)
     if refused:
         raise ValueError(f"poolwatch never records credential headers: {', '.join(refused)}")
+    options = _Options(spans, request_histograms, headers, tuple(sensitive_query_parameters))
     with _lock:
         for exporter in _enabled:
             if (
                 exporter.meter_provider is meter_provider
                 and exporter.tracer_provider is tracer_provider
             ):
+                if exporter.options != options:
+                    logger.warning(
+                        "poolwatch: otel.enable() was called again for the same providers with "
+                        "other options (%s); the first call's stay in force (%s)",
+                        options.differences(exporter.options),
+                        exporter.options.differences(options),
+                    )
                 return
-        exporter = _OtelExporter(
-            meter_provider,
-            tracer_provider,
-            spans=spans,
-            request_histograms=request_histograms,
-            request_headers=headers,
-            sensitive_keys=tuple(sensitive_query_parameters),
-        )
+        exporter = _OtelExporter(meter_provider, tracer_provider, options)
         _enabled.append(exporter)
     _api.subscribe(exporter.attach)
     for watch in _api.watches():
         exporter.attach(watch)
+
+
+class _Options(NamedTuple):
+    """What ``enable()`` was asked for, beyond the providers."""
+
+    spans: bool
+    request_histograms: bool
+    request_headers: tuple[str, ...]
+    sensitive_query_parameters: tuple[str, ...]
+
+    def differences(self, other: _Options) -> str:
+        """This side of what differs from ``other``, as ``name=value`` pairs."""
+        return ", ".join(
+            f"{name}={mine!r}"
+            for name, mine, theirs in zip(self._fields, self, other, strict=True)
+            if mine != theirs
+        )
 
 
 class _OtelExporter:
@@ -112,14 +131,12 @@ class _OtelExporter:
         self,
         meter_provider: metrics.MeterProvider | None,
         tracer_provider: trace.TracerProvider | None,
-        *,
-        spans: bool,
-        request_histograms: bool,
-        request_headers: tuple[str, ...],
-        sensitive_keys: tuple[str, ...],
+        options: _Options,
     ) -> None:
         self.meter_provider = meter_provider
         self.tracer_provider = tracer_provider
+        self.options = options
+        spans, request_histograms, request_headers, sensitive_keys = options
         provider = meter_provider or metrics.get_meter_provider()
         meter = provider.get_meter("poolwatch", __version__)
         self._tracer = (tracer_provider or trace.get_tracer_provider()).get_tracer(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import logging
 import socket
 import ssl
 import threading
@@ -709,6 +710,27 @@ def test_enabling_the_same_providers_twice_still_makes_one_span_per_request(
         client.get(f"{loopback_server.url}/ok")
         client.get(f"{loopback_server.url}/ok")
     assert len(client_spans(otel.spans())) == 2
+
+
+def test_enabling_the_same_providers_again_with_other_options_keeps_the_first_and_says_so(
+    hx: Any, loopback_server: LoopbackServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    o = make_otel(spans=False)
+    with caplog.at_level(logging.WARNING, logger="poolwatch"):
+        poolwatch.otel.enable(o.meter_provider, o.tracer_provider, spans=False)  # the same
+        assert not caplog.records
+        poolwatch.otel.enable(o.meter_provider, o.tracer_provider, request_headers=["x-tenant"])
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING
+    message = record.getMessage()
+    assert "spans=True, request_headers=('x-tenant',)" in message
+    assert "first call's stay in force (spans=False, request_headers=())" in message
+    with hx.Client() as client:
+        poolwatch.instrument(client, name="otel-options-kept")
+        client.get(f"{loopback_server.url}/ok", headers={"x-tenant": "t1"})
+        metrics = o.metrics("otel-options-kept")
+    assert o.spans() == []  # still no spans: the first call's options
+    assert sum(p.value for p in metrics["poolwatch.pool.requests"].data.data_points) == 1
 
 
 def test_two_tracer_providers_each_get_one_ended_span_per_request(
