@@ -80,22 +80,23 @@ class _PoolText:
     def fragments(self, snap: PoolSnapshot) -> list[tuple[MetricSpec, str]]:
         if snap is self.last:
             return self.text
-        by_spec: dict[MetricSpec, list[str]] = {}
+        by_family: list[list[str]] = [[] for _ in CATALOGUE]
         series = self.series
         for spec, labels, value in samples(snap):
             one = series.get((spec, labels))
             if one is None:
                 one = series[spec, labels] = _Series(spec, labels)
-            lines = by_spec.get(spec)
-            if lines is None:
-                lines = by_spec[spec] = []
             if type(value) is int:
-                lines.append(f"{one.prefix}{value}\n")
+                by_family[one.family].append(f"{one.prefix}{value}\n")
             elif isinstance(value, HistogramSnapshot):
-                lines.append(one.histogram(value))
+                by_family[one.family].append(one.histogram(value))
             else:
-                lines.append(f"{one.prefix}{_number(value)}\n")
-        self.text = [(spec, "".join(lines)) for spec, lines in by_spec.items()]
+                by_family[one.family].append(f"{one.prefix}{_number(value)}\n")
+        self.text = [
+            (spec, "".join(lines))
+            for spec, lines in zip(CATALOGUE, by_family, strict=True)
+            if lines
+        ]
         self.last = snap
         return self.text
 
@@ -103,7 +104,7 @@ class _PoolText:
 class _Series:
     """One series' text pieces, built once; a histogram's last block, reused while unchanged."""
 
-    __slots__ = ("buckets", "count_prefix", "generation", "last", "prefix", "sum_prefix")
+    __slots__ = ("buckets", "count_prefix", "family", "last", "prefix", "sum_prefix")
 
     def __init__(self, spec: MetricSpec, values: tuple[str, ...]) -> None:
         labels = ",".join(
@@ -112,7 +113,7 @@ class _Series:
         )
         name = spec.prometheus_name
         self.prefix = f"{name}{{{labels}}} "
-        self.generation = 0
+        self.family = _FAMILY_INDEX[spec]  # its place in the catalogue (and on the page)
         self.last: tuple[HistogramSnapshot, str] | None = None
         if spec.kind == "histogram":
             sep = "," if labels else ""
@@ -183,3 +184,4 @@ def _headers(spec: MetricSpec) -> tuple[str, str]:
 
 
 _HEADERS = {spec: _headers(spec) for spec in CATALOGUE}
+_FAMILY_INDEX = {spec: i for i, spec in enumerate(CATALOGUE)}
