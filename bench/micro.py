@@ -6,7 +6,8 @@
 
 Starts ``server.py`` bound to 127.0.0.1 ... 127.0.0.5 on one port (five distinct origins, all
 loopback), runs each part in a fresh process and prints a markdown section, which replaces the
-previous micro section of ``bench/results/latest.md`` (or is appended to it).
+blocks of the parts it ran in the micro section of ``bench/results/latest.md`` (the other
+parts' latest blocks stay).
 
 render
     100 instrumented ``AsyncClient`` pools (``--pools``), each with traffic to the 5 origins,
@@ -472,17 +473,8 @@ def _mr(s: dict[str, float], fmt: str) -> str:
     return f"{format(s['median'], fmt)} [{format(s['min'], fmt)}..{format(s['max'], fmt)}]"
 
 
-def render_markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    out = [MARK_START, "", "## Micro-measurements (`bench/micro.py`)", ""]
-    out.append(
-        f"Run {meta['started']} ({meta['duration_s'] / 60:.1f} min): `{meta['command']}`; "
-        f"load average at start {meta['loadavg']}. Server: one process bound to "
-        f"{', '.join(ORIGIN_HOSTS)} on one port (5 origins)."
-    )
-    out.append("")
-    failed = [r for r in results if r.get("failed")]
-    for r in failed:
-        out.append(f"- **{r['part']} ({r['family']}) failed** (exit {r.get('returncode')})")
+def _render_part(results: list[dict[str, Any]]) -> list[str]:
+    out: list[str] = []
     renders = [r for r in results if r["part"] == "render" and not r.get("failed")]
     if renders:
         out.append("### `/metrics` render with poolwatch enabled")
@@ -520,6 +512,11 @@ def render_markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             "half as many (moved), 3 (prometheus_client)."
         )
         out.append("")
+    return out
+
+
+def _snapshot_part(results: list[dict[str, Any]]) -> list[str]:
+    out: list[str] = []
     snaps = [r for r in results if r["part"] == "snapshot" and not r.get("failed")]
     if snaps:
         out.append("### `poolwatch.snapshot()`: one pool, 5 origins, 20 open connections")
@@ -546,6 +543,11 @@ def render_markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             "(render: 5 repeats of 50)."
         )
         out.append("")
+    return out
+
+
+def _memory_part(results: list[dict[str, Any]]) -> list[str]:
+    out: list[str] = []
     mems = [r for r in results if r["part"] == "memory" and not r.get("failed")]
     for r in mems:
         first, last = r["checkpoints"][0], r["checkpoints"][-1]
@@ -564,9 +566,14 @@ def render_markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                 else "without tracemalloc"
             )
             + "; 5 workers round-robin over the 5 origins, a scrape every 10,000 requests, "
-            "`gc.collect()` before each reading. RSS includes tracemalloc's own tables "
-            '(column "tracemalloc own") and, from the first reading on, what its snapshot of '
-            "that moment took (freed, but not all returned to the OS)."
+            "`gc.collect()` before each reading."
+            + (
+                " RSS includes tracemalloc's own tables "
+                '(column "tracemalloc own") and, from the first reading on, what its snapshot '
+                "of that moment took (freed, but not all returned to the OS)."
+                if traced
+                else ""
+            )
         )
         out.append("")
         out.append(
@@ -615,25 +622,63 @@ def render_markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                     f"({t['count_diff']:+,} blocks)"
                 )
         out.append("")
-    out.append(MARK_END)
-    return "\n".join(out) + "\n"
+    return out
 
 
-def write_section(path: str, section: str) -> None:
+PART_WRITERS = {"render": _render_part, "snapshot": _snapshot_part, "memory": _memory_part}
+
+
+def part_blocks(results: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, str]:
+    """Markdown for each part that ran, each with its own run line, between its markers."""
+    blocks = {}
+    for part, write in PART_WRITERS.items():
+        ran = [r for r in results if r["part"] == part]
+        if not ran:
+            continue
+        m = meta["parts"][part]
+        out = [f"<!-- micro.py part: {part} -->", ""]
+        out.append(
+            f"Run {m['started']} ({m['duration_s'] / 60:.1f} min): `{meta['command']}`; "
+            f"load average at start {m['loadavg']}. Server: one process bound to "
+            f"{', '.join(ORIGIN_HOSTS)} on one port (5 origins)."
+        )
+        out.append("")
+        for r in ran:
+            if r.get("failed"):
+                out.append(f"- **{part} ({r['family']}) failed** (exit {r.get('returncode')})")
+        out += write([r for r in ran if not r.get("failed")])
+        out.append(f"<!-- micro.py part end: {part} -->")
+        blocks[part] = "\n".join(out)
+    return blocks
+
+
+_PART_RE = re.compile(
+    r"<!-- micro\.py part: (\w+) -->.*?<!-- micro\.py part end: \1 -->", re.DOTALL
+)
+
+
+def write_section(path: str, blocks: dict[str, str]) -> str:
+    """Replace, in the report, the blocks of the parts that ran; keep the others' latest."""
     try:
         with open(path) as f:
             text = f.read()
     except FileNotFoundError:
         text = ""
+    kept: dict[str, str] = {}
     if MARK_START in text and MARK_END in text:
         before, rest = text.split(MARK_START, 1)
-        after = rest.split(MARK_END, 1)[1].lstrip("\n")
-        text = before + section + after
+        old, after = rest.split(MARK_END, 1)
+        kept = {m.group(1): m.group(0) for m in _PART_RE.finditer(old)}
+        after = after.lstrip("\n")
     else:
-        text = text.rstrip("\n") + ("\n\n" if text else "") + section
+        before, after = text.rstrip("\n") + ("\n\n" if text else ""), ""
+    kept.update(blocks)
+    body = "\n\n".join(kept[part] for part in PART_WRITERS if part in kept)
+    section = f"{MARK_START}\n\n## Micro-measurements (`bench/micro.py`)\n\n{body}\n\n{MARK_END}\n"
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
-        f.write(text)
+        f.write(before + section + after)
+    return section
 
 
 def main() -> None:
@@ -682,31 +727,41 @@ def main() -> None:
         )
     families = ["httpx", "httpx2"] if args.family == "both" else [args.family]
     parts = ["render", "snapshot", "memory"] if args.part == "all" else [args.part]
-    t0 = time.perf_counter()
-    with open("/proc/loadavg") as f:
-        loadavg = " ".join(f.read().split()[:3])
-    meta = {
-        "started": time.strftime("%Y-%m-%d %H:%M %Z"),
+    meta: dict[str, Any] = {
         "command": " ".join(["python", "bench/micro.py", *sys.argv[1:]]),
-        "loadavg": loadavg,
+        "parts": {},
     }
     server, port = start_server()
     results = []
     try:
         for part in parts:
+            with open("/proc/loadavg") as f:
+                loadavg = " ".join(f.read().split()[:3])
+            t0 = time.perf_counter()
+            started = time.strftime("%Y-%m-%d %H:%M %Z")
             for family in [args.memory_family] if part == "memory" else families:
                 results.append(run_child(part, family, port, args))
+            meta["parts"][part] = {
+                "started": started,
+                "duration_s": time.perf_counter() - t0,
+                "loadavg": loadavg,
+            }
     finally:
         server.terminate()
         server.wait(timeout=10)
-    meta["duration_s"] = time.perf_counter() - t0
-    section = render_markdown(results, meta)
-    print(section)
+    blocks = part_blocks(results, meta)
+    print("\n\n".join(blocks.values()))
     if not args.no_write:
-        write_section(args.output, section)
-        print(f"micro: wrote its section of {args.output}", file=sys.stderr)
-        with open(os.path.join(os.path.dirname(args.output), "micro.jsonl"), "w") as f:
-            for r in results:
+        write_section(args.output, blocks)
+        print(f"micro: wrote its parts of {args.output}", file=sys.stderr)
+        raw = os.path.join(os.path.dirname(args.output), "micro.jsonl")
+        try:
+            with open(raw) as f:
+                earlier = [json.loads(line) for line in f if line.strip()]
+        except FileNotFoundError:
+            earlier = []
+        with open(raw, "w") as f:  # the other parts' latest figures stay
+            for r in [r for r in earlier if r.get("part") not in parts] + results:
                 f.write(json.dumps(r) + "\n")
     if any(r.get("failed") for r in results):
         sys.exit(1)
