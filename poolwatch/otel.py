@@ -146,8 +146,12 @@ class _OtelExporter:
         self._request_histograms = request_histograms
         self._request_headers = request_headers
         self._sensitive_keys = sensitive_keys
-        self._cache_lock = threading.Lock()
-        self._cache: tuple[float, list[Sample]] = (float("-inf"), [])
+        self._reading_lock = threading.Lock()
+        #: The observations of one reading of every pool, by metric, and the metrics whose
+        #: callback has had them: a collection calls each callback once, so a callback asking
+        #: again means a new collection (of this reader or another), which reads anew.
+        self._reading: dict[c.MetricSpec, list[Observation]] = {}
+        self._served: set[c.MetricSpec] | None = None
         #: Attribute dicts by (pool, scheme, address, port): built once, reused per request.
         self._attributes: dict[tuple[str, str, str, int], dict[str, Any]] = {}
         self._watches: list[ClientWatch] = []
@@ -179,28 +183,21 @@ class _OtelExporter:
 
     # -- metrics ---------------------------------------------------------------------------
 
-    def _samples(self) -> list[Sample]:
-        """All pools' samples, read once per collection (the callbacks run back to back)."""
-        now = time.monotonic()
-        with self._cache_lock:
-            taken, cached = self._cache
-            if now - taken < 0.2:
-                return cached
-            out = list(every_pool("otel collect"))
-            self._cache = (now, out)
-            return out
+    def _observations(self, spec: c.MetricSpec) -> list[Observation]:
+        """``spec``'s observations, from one reading of every pool per collection."""
+        with self._reading_lock:
+            served = self._served
+            if served is None or spec in served:
+                self._reading = _observations_by_metric(every_pool("otel collect"))
+                served = self._served = set()
+            served.add(spec)
+            return self._reading.get(spec, [])
 
     def _callback(self, spec: c.MetricSpec) -> Any:
         def observe(options: CallbackOptions) -> Iterable[Observation]:
             del options
             try:
-                return [
-                    Observation(
-                        value, dict(zip(spec.attributes, _typed(spec, labels), strict=True))
-                    )
-                    for s, labels, value in self._samples()
-                    if s is spec and not isinstance(value, HistogramSnapshot)
-                ]
+                return self._observations(spec)
             except Exception as exc:
                 report_internal_error("otel callback", exc)
                 return []
@@ -432,6 +429,18 @@ def _header(request: Any, name: str) -> str | None:
         if k.lower() == name:
             return value.decode("latin-1") if isinstance(value, bytes) else str(value)
     return None
+
+
+def _observations_by_metric(samples: Iterable[Sample]) -> dict[c.MetricSpec, list[Observation]]:
+    """The gauges' and counters' samples as OTel observations (histograms are recorded per
+    request: OTel has no observable histogram)."""
+    out: dict[c.MetricSpec, list[Observation]] = {}
+    for spec, labels, value in samples:
+        if isinstance(value, HistogramSnapshot):
+            continue
+        attributes = dict(zip(spec.attributes, _typed(spec, labels), strict=True))
+        out.setdefault(spec, []).append(Observation(value, attributes))
+    return out
 
 
 def _typed(spec: c.MetricSpec, labels: tuple[str, ...]) -> list[Any]:

@@ -55,6 +55,7 @@ from poolwatch._histogram import HistogramSnapshot
 from poolwatch._loopback import LoopbackServer
 from poolwatch._redact import redact_url
 from poolwatch._samples import samples
+from poolwatch._watch import ClientWatch
 
 POOLWATCH_SCOPE = "poolwatch"
 
@@ -341,6 +342,42 @@ def test_requests_by_reuse_and_open_connections_by_state_and_version_read_like_t
     assert points("poolwatch.pool.connection.max") == {(): 3}
     assert points("poolwatch.pool.utilization") == {(): 0.0}
     assert points("poolwatch.pool.pending_requests") == {(): 0}
+
+
+def test_a_collection_right_after_another_sees_the_requests_made_in_between(
+    hx: Any, otel: Otel, loopback_server: LoopbackServer
+) -> None:
+    def requests(pool: str) -> int:
+        points = otel.metrics(pool)["poolwatch.pool.requests"].data.data_points
+        return int(sum(p.value for p in points))
+
+    with hx.Client() as client:
+        poolwatch.instrument(client, name="otel-back-to-back")
+        seen = []
+        for _ in range(3):  # collections milliseconds apart, as two readers may make them
+            client.get(f"{loopback_server.url}/ok")
+            seen.append(requests("otel-back-to-back"))
+    assert seen == [1, 2, 3]
+
+
+def test_one_collection_reads_each_pool_once_for_all_its_metrics(
+    hx: Any, otel: Otel, loopback_server: LoopbackServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads: list[str] = []
+    real = ClientWatch.snapshot
+
+    def counted(watch: ClientWatch) -> poolwatch.PoolSnapshot:
+        reads.append(watch.name)
+        return real(watch)
+
+    with hx.Client() as client:
+        poolwatch.instrument(client, name="otel-read-once")
+        client.get(f"{loopback_server.url}/ok")
+        monkeypatch.setattr(ClientWatch, "snapshot", counted)
+        for collection in (1, 2):
+            metrics = otel.metrics("otel-read-once")
+            assert len(metrics) >= 10  # every gauge and counter, from the one reading
+            assert reads.count("otel-read-once") == collection
 
 
 def test_histograms_of_a_new_client_carry_its_own_pool_name_after_older_clients_were_collected(
