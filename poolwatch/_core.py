@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from ._catalogue import (
     CONNECT_TIME,
@@ -181,7 +182,7 @@ class OriginSnapshot:
     requests_reused: int
     connections_created: int
     timeouts: int
-    errors: dict[str, int]
+    errors: Mapping[str, int]  # read-only: a snapshot is shared by its readers
     http_versions: tuple[str, ...]
     time_in_queue: HistogramSnapshot
     connection_duration: HistogramSnapshot
@@ -499,6 +500,12 @@ class PoolCore:
 
     # -- connections -----------------------------------------------------------------------
 
+    def add_connection(self, key: int, conn: ConnRecord) -> None:
+        """A connection joined the pool (``key``: its ``id()``)."""
+        with self._lock:
+            self.conns[key] = conn
+            self.changes += 1
+
     def connection_closed(self, conn: ConnRecord, key: int) -> float | None:
         """A connection left the pool (closed by the pool, the server, or an error).
 
@@ -556,7 +563,7 @@ def _snapshot_origin(o: OriginStats) -> OriginSnapshot:
         requests_reused=o.requests_reused,
         connections_created=o.connections_created,
         timeouts=o.timeouts,
-        errors=dict(o.errors),
+        errors=MappingProxyType(dict(o.errors)),
         http_versions=tuple(sorted(o.http_versions)),
         time_in_queue=o.time_in_queue.snapshot(),
         connection_duration=o.connection_duration.snapshot(),

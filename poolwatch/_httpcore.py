@@ -28,6 +28,7 @@ import math
 import select
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -243,7 +244,7 @@ class IdleSockets:
     reused): the caller asks only while the core saw no connection close.
     """
 
-    __slots__ = ("_by_fd", "_no_socket", "_poller", "_valid_until")
+    __slots__ = ("_by_fd", "_lock", "_no_socket", "_poller", "_valid_until")
 
     def __init__(self, idle: list[tuple[Any, str]]) -> None:
         now = time.monotonic()
@@ -270,16 +271,20 @@ class IdleSockets:
             elif fileno is None:  # no socket to poll: httpcore's own check
                 self._no_socket.append(conn)
         self._poller = _poller(self._by_fd)
+        self._lock = threading.Lock()
 
-    def dead(self) -> set[int] | None:
-        """The ids of those the server closed; ``None`` once one of them expired since (ask a
-        new ``IdleSockets``)."""
-        if time.monotonic() > self._valid_until:
-            return None
+    def expired(self) -> bool:
+        """One of them passed its keep-alive expiry since: ask a new ``IdleSockets``."""
+        return time.monotonic() > self._valid_until
+
+    def dead(self) -> set[int]:
+        """The ids of those the server closed."""
         dead = {id(conn) for conn in self._no_socket if conn.has_expired()}
         if self._by_fd:
             by_fd = self._by_fd
-            dead.update(by_fd[fd] for fd in self._poller())
+            with self._lock:  # a poll object takes one caller at a time
+                ready = self._poller()
+            dead.update(by_fd[fd] for fd in ready)
         return dead
 
 

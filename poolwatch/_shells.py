@@ -206,7 +206,7 @@ def watch_connection(
         connected=connected,
     )
     site = _Site(core, conn, record, flavour, hooks)
-    core.conns[site.key] = record
+    core.add_connection(site.key, record)
     cls = type(conn)
     if is_async:
         conn.handle_async_request = _async_connection_call(site, cls)

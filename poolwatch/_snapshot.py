@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ._core import OriginSnapshot
@@ -54,7 +55,7 @@ class PoolSnapshot:
     #: Age of the oldest request in flight, in seconds (0.0 when none).
     active_max_age: float = 0.0
     #: Requests that ended in an exception, by ``error.type``.
-    errors: dict[str, int] | None = None
+    errors: Mapping[str, int] | None = None  # read-only: a snapshot is shared by its readers
     connections: tuple[ConnectionGroup, ...] = ()
     origins: tuple[OriginSnapshot, ...] = ()
     #: Pools poolwatch could not read this time (their figures are missing, not zero).

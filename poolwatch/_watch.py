@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import weakref
 from operator import attrgetter
+from types import MappingProxyType
 from typing import Any
 
 from . import _httpcore, _shells
@@ -41,21 +42,40 @@ _GROUP_ORDER = attrgetter("scheme", "address", "port", "state", "http_version")
 
 
 class _AtRest:
-    """The last snapshot of a client with nothing in flight, and what would make it stale."""
+    """The last snapshot of a client with nothing in flight, and how to tell it is still true.
 
-    __slots__ = ("changes", "dead", "snapshot", "sockets")
+    The core's change count catches requests and the closes poolwatch sees; the connection
+    lists catch anything else that adds, drops or closes a connection (a path where
+    poolwatch's own bookkeeping failed); the poll catches the server closing an idle one.
+    """
+
+    __slots__ = ("changes", "dead", "snapshot", "sockets", "walked")
 
     def __init__(
         self,
         changes: int,
+        walked: list[tuple[list[Any], list[Any]]],
         sockets: _httpcore.IdleSockets | None,
         dead: set[int],
         snapshot: PoolSnapshot,
     ) -> None:
         self.changes = changes  # the core's change count when it was read
+        self.walked = walked  # each pool's connections then, and the open ones among them
         self.sockets = sockets  # its idle connections' sockets, to ask again
         self.dead = dead  # those of them the server had closed
         self.snapshot = snapshot
+
+    def still_true(self, pools: list[_PoolPatch]) -> bool:
+        sockets = self.sockets
+        if sockets is None or sockets.expired() or len(pools) != len(self.walked):
+            return False
+        for p, (listed, still_open) in zip(pools, self.walked, strict=True):
+            if _httpcore.connections(p.pool) != listed:  # by identity: connections have no __eq__
+                return False
+            for conn in still_open:
+                if conn.is_closed():
+                    return False
+        return sockets.dead() == self.dead
 
 
 class ClientWatch:
@@ -222,12 +242,13 @@ class ClientWatch:
         rest = self._at_rest
         if rest is not None and rest.changes == core.changes and core.active == 0:
             try:
-                if rest.sockets is not None and rest.sockets.dead() == rest.dead:
+                if rest.still_true(self._pools):
                     return rest.snapshot
             except Exception:  # read in full below, which reports the failure
                 pass
         # Read before the pools: a change made while they are read shows as a change later.
         changes, at_rest = core.changes, core.active == 0
+        walked: list[tuple[list[Any], list[Any]]] = []  # (connections, the open ones) by pool
         # Open connections by (origin, state, protocol version).
         groups: dict[tuple[OriginStats, str, str], int] = {}
         to_check: list[tuple[Any, str]] = []  # idle: alive unless the server closed them
@@ -236,11 +257,15 @@ class ClientWatch:
         unreadable = 0
         for p in self._pools:
             try:
-                for conn in _httpcore.connections(p.pool):
+                listed = _httpcore.connections(p.pool)
+                still_open: list[Any] = []
+                walked.append((listed, still_open))
+                for conn in listed:
                     if conn.is_closed():  # httpcore's public connection interface
                         continue
+                    still_open.append(conn)
                     record = conns.get(id(conn))
-                    if record is None:  # opened before poolwatch was attached
+                    if record is None:  # its watch failed: read it from httpcore itself
                         origin_key = _httpcore.connection_origin_key(conn)
                         if origin_key is None:
                             continue
@@ -266,14 +291,13 @@ class ClientWatch:
                 unreadable += 1
                 report_internal_error("pool read", exc)
         sockets: _httpcore.IdleSockets | None = None
-        dead: set[int] | None = None
+        dead: set[int] = set()
         try:
             sockets = _httpcore.IdleSockets(to_check)
             dead = sockets.dead()
-        except Exception as exc:
+        except Exception as exc:  # not known: count them all, and read in full next time
+            sockets = None
             report_internal_error("pool read", exc)
-        if dead is None:  # not known: count them all, and read in full next time
-            sockets, dead = None, set()
         for conn_id, key in idle_keys.items():
             if conn_id not in dead:  # closed by the server; httpcore has not noticed yet
                 groups[key] = groups.get(key, 0) + 1
@@ -309,7 +333,7 @@ class ClientWatch:
             connecting_connections=by_state["connecting"],
             pending_max_age=s.pending_max_age,
             active_max_age=s.active_max_age,
-            errors=errors,
+            errors=MappingProxyType(errors),
             connections=self._connection_groups(groups),
             origins=s.origins,
             unreadable_pools=unreadable,
@@ -319,5 +343,5 @@ class ClientWatch:
             request_duration=s.request_duration,
         )
         at_rest = at_rest and sockets is not None and not unreadable
-        self._at_rest = _AtRest(changes, sockets, dead, snap) if at_rest else None
+        self._at_rest = _AtRest(changes, walked, sockets, dead, snap) if at_rest else None
         return snap

@@ -471,16 +471,28 @@ def test_a_client_at_rest_is_read_once_and_read_again_after_a_request_or_a_close
         client.get(f"{loopback_server.url}/ok")
         first = poolwatch.snapshot(client)
         assert poolwatch.snapshot(client) is first  # nothing moved: the same reading
+        with pytest.raises(TypeError):  # shared by every reader: read-only all the way down
+            first.errors["mine"] = 1  # type: ignore[index]
+        with pytest.raises(TypeError):
+            first.origins[0].errors["mine"] = 1  # type: ignore[index]
         assert first.idle_connections == 1 == loopback_server.stats.open_connections
         client.get(f"{loopback_server.url}/ok")
         second = poolwatch.snapshot(client)
         assert second is not first
         assert (first.requests_total, second.requests_total) == (1, 2)
         assert poolwatch.snapshot(client) is second
-        client._transport._pool.close()  # httpcore closes every connection, as on client.close()
+        client.get(f"{loopback_server.url}/ok")
+        assert poolwatch.snapshot(client).idle_connections == 1  # read at rest, and kept
+        (conn,) = client._transport._pool.connections
+        conn._connection.close()  # behind poolwatch's back: its close hook is on `conn`
         third = poolwatch.snapshot(client)
         assert third.idle_connections == 0 == httpcore_view(client).open
+        assert third.requests_total == 3
         wait_until(lambda: loopback_server.stats.open_connections == 0, what="the server's close")
+        client.get(f"{loopback_server.url}/ok")  # a new connection
+        assert poolwatch.snapshot(client).idle_connections == 1
+        client._transport._pool.close()  # httpcore closes every connection, as on client.close()
+        assert poolwatch.snapshot(client).idle_connections == 0 == httpcore_view(client).open
 
 
 @pytest.mark.anyio
@@ -515,3 +527,20 @@ async def test_a_client_with_a_request_in_flight_is_read_afresh_every_time(
             assert second.active_max_age >= first.active_max_age + 0.05
             assert second.active_requests == 1 == second.active_connections
         assert_at_rest(poolwatch.snapshot(client))
+
+
+def test_an_http2_connection_closed_behind_poolwatchs_back_leaves_the_reading_at_rest(
+    hx: Any, h2_server: LoopbackServer, client_ssl_context: ssl.SSLContext
+) -> None:
+    # HTTP/2 sockets are never polled (a live idle one has bytes waiting too), and closing the
+    # inner connection bypasses poolwatch's close hook: only the connection's own is_closed()
+    # can tell the reading at rest is stale.
+    with hx.Client(http2=True, verify=client_ssl_context) as client:
+        poolwatch.instrument(client, name="h2-behind-the-back")
+        assert client.get(f"{h2_server.url}/ok").http_version == "HTTP/2"
+        at_rest = poolwatch.snapshot(client)
+        assert at_rest.idle_connections == 1 == httpcore_view(client).open
+        (conn,) = client._transport._pool.connections
+        conn._connection.close()
+        after = poolwatch.snapshot(client)
+        assert after.idle_connections == 0 == httpcore_view(client).open
