@@ -228,6 +228,8 @@ class PoolCore:
         #: own changes all happen between its ``start()`` and its ``finish()``.) While it stands
         #: still and nothing is in flight, the last snapshot is still true.
         self.changes = 0
+        #: Work handed over while the lock was taken (see ``when_unlocked``).
+        self.deferred: list[Callable[[], None]] = []
         #: Request phases, pool-wide (the dashboard reads them by pool; per origin they were
         #: two thirds of a scrape).
         self.connect_time = Histogram(CONNECT_TIME.buckets)
@@ -271,6 +273,32 @@ class PoolCore:
             self.changes += 1
             return stats
 
+    # -- work from the garbage collector ---------------------------------------------------
+
+    def when_unlocked(self, work: Callable[[], None]) -> None:
+        """Run ``work`` (which takes the lock) now, or later if the lock is taken.
+
+        A weak reference's callback (a leaked response, found by the cyclic garbage
+        collector) runs wherever an allocation set the collector off: inside this core's own
+        locked sections too, in the thread that holds the lock, where waiting for it would
+        never end. Deferred work runs at the next request's start or the next snapshot.
+        """
+        if self._lock.acquire(blocking=False):
+            self._lock.release()
+            work()  # if another thread takes the lock meanwhile, this one just waits
+        else:
+            self.deferred.append(work)
+
+    def run_deferred(self) -> None:
+        """Run the work handed over while the lock was taken (call without the lock)."""
+        deferred = self.deferred
+        while deferred:
+            try:
+                work = deferred.pop(0)
+            except IndexError:  # another thread took the last one
+                return
+            work()
+
     # -- a request's steps -----------------------------------------------------------------
 
     def start(self, origin: OriginStats, *, pending: bool = True) -> RequestRecord:
@@ -278,6 +306,8 @@ class PoolCore:
 
         ``pending=False`` is for transports without a pool: nothing to wait for.
         """
+        if self.deferred:
+            self.run_deferred()
         rec = RequestRecord(origin, self.clock())
         with self._lock:
             if pending:

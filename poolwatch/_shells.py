@@ -25,6 +25,7 @@ import sys
 import weakref
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
+from functools import partial
 from typing import Any
 
 from . import _httpcore
@@ -463,15 +464,24 @@ class _StreamRef(weakref.ref):  # type: ignore[type-arg]
 
 
 def _stream_collected(ref: _StreamRef) -> None:
-    rec = ref.rec
+    """The response stream was freed: leaked, unless its request already ended."""
+    if ref.rec.done:
+        return
+    try:
+        ref.site.core.when_unlocked(partial(_leaked, ref.site, ref.rec))
+    except Exception as exc:
+        report_internal_error("leak detection", exc)
+
+
+def _leaked(site: _Site, rec: RequestRecord) -> None:
     try:
         if rec.done:
             return
-        ref.site.core.leaked(rec)
+        site.core.leaked(rec)
     except Exception as exc:
         report_internal_error("leak detection", exc)
         return
-    _call_hook(ref.site.hooks.on_finish, rec, "request finish hook")
+    _call_hook(site.hooks.on_finish, rec, "request finish hook")
 
 
 #: Stream classes, by whether they have their own ``aclose`` / ``close`` to wrap.

@@ -239,6 +239,8 @@ class ClientWatch:
         read every pool, most of them quiet).
         """
         core = self.core
+        if core.deferred:
+            core.run_deferred()
         rest = self._at_rest
         if rest is not None and rest.changes == core.changes and core.active == 0:
             try:

@@ -14,6 +14,7 @@ import pytest
 from truth import await_until, httpcore_view, wait_until
 
 import poolwatch
+from poolwatch import _api
 from poolwatch._loopback import LoopbackServer
 
 
@@ -153,6 +154,35 @@ async def test_a_leaked_stream_is_counted_and_keeps_its_connection_forever(
         with pytest.raises(hx.PoolTimeout):
             await client.get(f"{loopback_server.url}/ok")
         assert poolwatch.snapshot(client).pool_timeouts_total == 1
+
+
+def test_a_leak_the_garbage_collector_finds_while_poolwatch_holds_its_lock_is_counted_after(
+    hx: Any, loopback_server: LoopbackServer
+) -> None:
+    # The cyclic collector runs wherever an allocation triggers it, inside poolwatch's own
+    # locked sections too. A leaked response freed there must not wait for the lock its own
+    # thread holds (a deadlock of the host): it is counted once the lock is free.
+    client = hx.Client()
+    poolwatch.instrument(client, name="leak-under-lock")
+    box = [client.send(client.build_request("GET", f"{loopback_server.url}/ok"), stream=True)]
+    core = _api._lookup(client).core  # type: ignore[union-attr]
+    assert core.active == 1
+
+    def collect_while_locked() -> None:
+        with core._lock:
+            box.clear()
+            gc.collect()
+
+    thread = threading.Thread(target=collect_while_locked, daemon=True)
+    thread.start()
+    thread.join(5)
+    if thread.is_alive():  # leave the client unclosed: closing it would hang on the lock
+        pytest.fail("the leak's bookkeeping deadlocked on the lock its own thread held")
+    snap = poolwatch.snapshot(client)
+    assert snap.leaked_responses_total == 1
+    assert snap.active_requests == 0
+    assert snap.active_connections == 1 == httpcore_view(client).busy
+    client.close()
 
 
 @pytest.mark.anyio
