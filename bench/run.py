@@ -569,6 +569,23 @@ def _target_row(
 # -- main ----------------------------------------------------------------------------------
 
 
+def _micro_section(path: str) -> str:
+    """The report's micro.py section (its latest blocks stay when the matrix is re-run)."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        return ""
+    start, end = text.find(_MICRO_START), text.find(_MICRO_END)
+    if start < 0 or end < start:
+        return ""
+    return text[start : end + len(_MICRO_END)] + "\n"
+
+
+_MICRO_START = "<!-- micro.py: start -->"
+_MICRO_END = "<!-- micro.py: end -->"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 rounds, small N")
@@ -698,8 +715,9 @@ def main() -> None:
     meta["duration_s"] = time.perf_counter() - t_start
     meta["loadavg_end"] = _loadavg()
     markdown = render(meta, runs)
+    kept = _micro_section(args.output + ".md")
     with open(args.output + ".md", "w") as f:
-        f.write(markdown)
+        f.write(markdown.rstrip("\n") + "\n\n" + kept if kept else markdown)
     print(markdown)
     print(f"wrote {args.output}.md and {jsonl_path}", file=sys.stderr)
     if not args.quick and not args.no_micro:
