@@ -53,6 +53,12 @@ def get(url: str, **headers: str) -> tuple[bytes, dict[str, str]]:
         return response.read(), dict(response.headers)
 
 
+def assert_logged_once(caplog: pytest.LogCaptureFixture, site: str) -> None:
+    errors = [r.getMessage() for r in caplog.records if "internal error" in r.getMessage()]
+    assert len(errors) == 1
+    assert site in errors[0]
+
+
 @pytest.fixture
 def registry() -> CollectorRegistry:
     """A registry with poolwatch and one metric of the application's own on it."""
@@ -174,9 +180,7 @@ def test_when_poolwatch_cannot_write_the_pools_prometheus_client_writes_them_and
         expected = samples_of(generate_latest(registry))
     assert all(samples_of(page) == expected for page in pages)
     assert any(dict(labels).get("pool_name") == "x" for _n, labels in expected)
-    errors = [r.getMessage() for r in caplog.records if "internal error" in r.getMessage()]
-    assert len(errors) == 1
-    assert "prometheus render" in errors[0]
+    assert_logged_once(caplog, "prometheus render")
 
 
 def test_a_registry_poolwatch_is_not_enabled_on_gets_prometheus_clients_page_unchanged(
@@ -217,9 +221,7 @@ def test_a_pool_that_cannot_be_written_is_left_out_and_the_others_stay(
     for page in pages:
         assert samples_of(page) == expected
     assert any(dict(labels).get("pool_name") == "fine" for _n, labels in expected)
-    errors = [r.getMessage() for r in caplog.records if "internal error" in r.getMessage()]
-    assert len(errors) == 1
-    assert "prometheus render" in errors[0]
+    assert_logged_once(caplog, "prometheus render")
 
 
 def test_a_pool_uninstrumented_since_the_last_scrape_leaves_the_page(
