@@ -240,16 +240,30 @@ class IdleSockets:
     bytes waiting (a PING, a WINDOW_UPDATE, a late RST_STREAM), so they count as httpcore holds
     them, until it drops them.
 
-    The connections must stay open while this is asked again (their file descriptors would be
-    reused): the caller asks only while the core saw no connection close.
+    Asked again, it is right only while those sockets stay open (a closed one's file
+    descriptor may be reused): ``closed()`` says when one was closed.
     """
 
-    __slots__ = ("_by_fd", "_lock", "_no_socket", "_poller", "_valid_until")
+    __slots__ = (
+        "_by_fd",
+        "_fds",
+        "_filenos",
+        "_lock",
+        "_no_socket",
+        "_poller",
+        "_valid_until",
+        "polled",
+    )
 
     def __init__(self, idle: list[tuple[Any, str]]) -> None:
         now = time.monotonic()
         self._by_fd: dict[int, int] = {}
         self._no_socket: list[Any] = []
+        #: The polled sockets' own ``fileno``, and what they returned (-1 once closed).
+        self._filenos: list[Callable[[], int]] = []
+        self._fds: list[int] = []
+        #: The ids of the connections polled.
+        self.polled: set[int] = set()
         #: The earliest keep-alive expiry among the polled ones: past it, they are not all
         #: to be judged any more.
         self._valid_until = math.inf
@@ -266,8 +280,11 @@ class IdleSockets:
                 self._valid_until = min(self._valid_until, expire_at)
             fileno = _fileno_of(inner)
             fd = fileno() if fileno is not None else -1
-            if fd >= 0:
+            if fd >= 0 and fileno is not None:
                 self._by_fd[fd] = id(conn)
+                self._filenos.append(fileno)
+                self._fds.append(fd)
+                self.polled.add(id(conn))
             elif fileno is None:  # no socket to poll: httpcore's own check
                 self._no_socket.append(conn)
         self._poller = _poller(self._by_fd)
@@ -276,6 +293,10 @@ class IdleSockets:
     def expired(self) -> bool:
         """One of them passed its keep-alive expiry since: ask a new ``IdleSockets``."""
         return time.monotonic() > self._valid_until
+
+    def closed(self) -> bool:
+        """One of the polled sockets was closed since (by httpcore, or behind its back)."""
+        return [fileno() for fileno in self._filenos] != self._fds
 
     def dead(self) -> set[int]:
         """The ids of those the server closed."""

@@ -60,7 +60,16 @@ class _AtRest:
         snapshot: PoolSnapshot,
     ) -> None:
         self.changes = changes  # the core's change count when it was read
-        self.walked = walked  # each pool's connections then, and the open ones among them
+        #: Each pool's connections then, and the open ones among them whose socket is not
+        #: polled (HTTP/2, busy or connecting ones).
+        self.walked = (
+            [
+                (listed, [c for c in still_open if id(c) not in sockets.polled])
+                for listed, still_open in walked
+            ]
+            if sockets is not None
+            else []
+        )
         self.sockets = sockets  # its idle connections' sockets, to ask again
         self.dead = dead  # those of them the server had closed
         self.snapshot = snapshot
@@ -69,13 +78,13 @@ class _AtRest:
         sockets = self.sockets
         if sockets is None or sockets.expired() or len(pools) != len(self.walked):
             return False
-        for p, (listed, still_open) in zip(pools, self.walked, strict=True):
+        for p, (listed, unpolled) in zip(pools, self.walked, strict=True):
             if _httpcore.connections(p.pool) != listed:  # by identity: connections have no __eq__
                 return False
-            for conn in still_open:
+            for conn in unpolled:  # the polled ones' sockets say it themselves, below
                 if conn.is_closed():
                     return False
-        return sockets.dead() == self.dead
+        return not sockets.closed() and sockets.dead() == self.dead
 
 
 class ClientWatch:

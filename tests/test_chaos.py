@@ -266,7 +266,14 @@ def test_sync_clients_in_threads_balance_their_books_after_the_same_misbehaviour
             t.start()
         for t in threads:
             t.join()
-        assert set(caller.caught) <= case.raises[proto], caller
+        allowed = case.raises[proto]
+        if proto == "h2" and case.path == "/stall":
+            # Threads sharing one HTTP/2 connection: when a stream's read times out, httpcore
+            # may close the connection under another thread's stream, which then gets
+            # "Server disconnected". Bare httpx does it too, on a loaded machine (2 runs in
+            # 25 with both cores busy): the library's race, not poolwatch's.
+            allowed |= {"RemoteProtocolError"}
+        assert set(caller.caught) <= allowed, caller
         assert caller.caught.total() == 8, caller
         assert_books_balance_at_rest(client, caller, server, server_closing=proto == "h2")
 

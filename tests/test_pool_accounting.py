@@ -5,6 +5,7 @@ trio."""
 from __future__ import annotations
 
 import gc
+import socket
 import ssl
 import threading
 from typing import Any
@@ -574,3 +575,27 @@ def test_an_http2_connection_closed_behind_poolwatchs_back_leaves_the_reading_at
         conn._connection.close()
         after = poolwatch.snapshot(client)
         assert after.idle_connections == 0 == httpcore_view(client).open
+
+
+def test_an_idle_socket_closed_behind_poolwatchs_back_is_seen_even_when_its_number_is_reused(
+    hx: Any, loopback_server: LoopbackServer
+) -> None:
+    # A poll asks about file descriptor numbers: once a socket is closed, its number goes to
+    # the next socket opened, which a poll would then report on instead.
+    with hx.Client() as client:
+        poolwatch.instrument(client, name="fd-reused")
+        client.get(f"{loopback_server.url}/ok")
+        assert poolwatch.snapshot(client).idle_connections == 1  # read at rest, and kept
+        (conn,) = client._transport._pool.connections
+        fd = conn._connection._network_stream.get_extra_info("socket").fileno()
+        conn._connection.close()  # behind poolwatch's back: its close hook is on `conn`
+        taken = []
+        while len(taken) < 64 and not any(a.fileno() == fd for a, _b in taken):
+            taken.append(socket.socketpair())  # connected, idle: nothing to read
+        try:
+            assert any(a.fileno() == fd for a, _b in taken), "the closed socket's number"
+            assert poolwatch.snapshot(client).idle_connections == 0 == httpcore_view(client).open
+        finally:
+            for a, b in taken:
+                a.close()
+                b.close()
