@@ -259,11 +259,8 @@ class IdleSockets:
         now = time.monotonic()
         self._by_fd: dict[int, int] = {}
         self._no_socket: list[Any] = []
-        #: The polled sockets' own ``fileno``, and what they returned (-1 once closed).
+        #: The polled sockets' own ``fileno``, in the order of ``_by_fd``.
         self._filenos: list[Callable[[], int]] = []
-        self._fds: list[int] = []
-        #: The ids of the connections polled.
-        self.polled: set[int] = set()
         #: The earliest keep-alive expiry among the polled ones: past it, they are not all
         #: to be judged any more.
         self._valid_until = math.inf
@@ -279,14 +276,17 @@ class IdleSockets:
                     continue
                 self._valid_until = min(self._valid_until, expire_at)
             fileno = _fileno_of(inner)
-            fd = fileno() if fileno is not None else -1
-            if fd >= 0 and fileno is not None:
+            if fileno is None:  # no socket to poll: httpcore's own check
+                self._no_socket.append(conn)
+                continue
+            fd = fileno()
+            if fd >= 0:
                 self._by_fd[fd] = id(conn)
                 self._filenos.append(fileno)
-                self._fds.append(fd)
-                self.polled.add(id(conn))
-            elif fileno is None:  # no socket to poll: httpcore's own check
-                self._no_socket.append(conn)
+        #: What the filenos returned (each turns -1 once its socket is closed).
+        self._fds = list(self._by_fd)
+        #: The ids of the connections polled.
+        self.polled = set(self._by_fd.values())
         self._poller = _poller(self._by_fd)
         self._lock = threading.Lock()
 

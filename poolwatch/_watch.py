@@ -55,28 +55,24 @@ class _AtRest:
         self,
         changes: int,
         walked: list[tuple[list[Any], list[Any]]],
-        sockets: _httpcore.IdleSockets | None,
+        sockets: _httpcore.IdleSockets,
         dead: set[int],
         snapshot: PoolSnapshot,
     ) -> None:
         self.changes = changes  # the core's change count when it was read
         #: Each pool's connections then, and the open ones among them whose socket is not
         #: polled (HTTP/2, busy or connecting ones).
-        self.walked = (
-            [
-                (listed, [c for c in still_open if id(c) not in sockets.polled])
-                for listed, still_open in walked
-            ]
-            if sockets is not None
-            else []
-        )
+        self.walked = [
+            (listed, [c for c in still_open if id(c) not in sockets.polled])
+            for listed, still_open in walked
+        ]
         self.sockets = sockets  # its idle connections' sockets, to ask again
         self.dead = dead  # those of them the server had closed
         self.snapshot = snapshot
 
     def still_true(self, pools: list[_PoolPatch]) -> bool:
         sockets = self.sockets
-        if sockets is None or sockets.expired() or len(pools) != len(self.walked):
+        if sockets.expired() or len(pools) != len(self.walked):
             return False
         for p, (listed, unpolled) in zip(pools, self.walked, strict=True):
             if _httpcore.connections(p.pool) != listed:  # by identity: connections have no __eq__
@@ -353,6 +349,9 @@ class ClientWatch:
             time_to_first_byte=s.time_to_first_byte,
             request_duration=s.request_duration,
         )
-        at_rest = at_rest and sockets is not None and not unreadable
-        self._at_rest = _AtRest(changes, walked, sockets, dead, snap) if at_rest else None
+        self._at_rest = (
+            _AtRest(changes, walked, sockets, dead, snap)
+            if at_rest and sockets is not None and not unreadable
+            else None
+        )
         return snap
