@@ -6,7 +6,7 @@ the moments a request passes through the pool, with a clock reading, and the exp
 
 A request's life, and the method that marks each step::
 
-    start() ─ pending ─ acquire() ─ [connect, TLS: on_trace_event()] ─ call_exit() ─ finish()
+    start() ─ pending ─ acquire() ─ [connect, TLS: on_trace_event()] ─ headers() ── finish()
                  ▲          │                                        (headers)    (closed,
                  └─ requeue()  (httpcore handed the connection to another request)  failed or
                                                                                    leaked())
@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Any
 
 from ._catalogue import (
     CONNECT_TIME,
@@ -152,7 +153,7 @@ class RequestRecord:
         #: Garbage-collected without being closed: its connection stays held.
         self.leaked = False
         #: Exporters' per-request state (an OTel span), opaque to the core.
-        self.extra: object = None
+        self.extra: dict[Any, Any] | None = None
 
     @property
     def reused(self) -> bool | None:
@@ -236,7 +237,12 @@ class PoolCore:
         self.tls_time = Histogram(TLS_TIME.buckets)
         self.ttfb = Histogram(TIME_TO_FIRST_BYTE.buckets)
         self.request_duration = Histogram(REQUEST_DURATION.buckets)
+        #: The request durations not yet in buckets: ``finish()`` appends to it directly.
+        self._durations = self.request_duration.waiting
         self._origins: dict[OriginKey, OriginStats] = {}
+        #: ``_origins`` by the keys requests come with (a default port as ``None`` too): one
+        #: lookup per request. Overflowing keys stay out, so it holds at most two per origin.
+        self._by_key: dict[OriginKey, OriginStats] = {}
         self._overflow: OriginStats | None = None
         self._inflight: dict[int, RequestRecord] = {}
         #: Weak references to the response streams of requests in flight, by ``id(rec)``.
@@ -250,28 +256,37 @@ class PoolCore:
 
     def origin(self, key: OriginKey) -> OriginStats:
         """The stats for an origin, created on first use; bounded by ``max_origins``."""
-        if key[2] is None:  # a URL's default port and a connection's explicit one are one origin
-            key = (key[0], key[1], _DEFAULT_PORTS.get(key[0], 0))
-        stats = self._origins.get(key)
+        stats = self._by_key.get(key)
         if stats is not None:
             return stats
         with self._lock:
-            stats = self._origins.get(key)
-            if stats is not None:
-                return stats
-            if len(self._origins) >= self.max_origins:
-                overflow = self._overflow
-                if overflow is None:
-                    overflow = self._overflow = OriginStats("", OVERFLOW_ADDRESS, 0)
-                    self.changes += 1
-                    if self._on_origin_overflow is not None:
-                        self._on_origin_overflow(self)
-                return overflow
-            scheme, host, port = key
-            stats = OriginStats(scheme.decode("ascii"), host.decode("ascii"), port or 0)
-            self._origins[key] = stats
-            self.changes += 1
+            stats = self._by_key.get(key)
+            if stats is None:
+                stats = self._new_origin(key)
+                if stats is not self._overflow:
+                    self._by_key[key] = stats
             return stats
+
+    def _new_origin(self, key: OriginKey) -> OriginStats:
+        """The stats for a key not seen before (caller holds the lock)."""
+        scheme, host, port = key
+        if port is None:  # a URL's default port and a connection's explicit one are one origin
+            port = _DEFAULT_PORTS.get(scheme, 0)
+        stats = self._origins.get((scheme, host, port))
+        if stats is not None:
+            return stats
+        if len(self._origins) >= self.max_origins:
+            overflow = self._overflow
+            if overflow is None:
+                overflow = self._overflow = OriginStats("", OVERFLOW_ADDRESS, 0)
+                self.changes += 1
+                if self._on_origin_overflow is not None:
+                    self._on_origin_overflow(self)
+            return overflow
+        stats = OriginStats(scheme.decode("ascii"), host.decode("ascii"), port)
+        self._origins[(scheme, host, port)] = stats
+        self.changes += 1
+        return stats
 
     # -- work from the garbage collector ---------------------------------------------------
 
@@ -322,7 +337,7 @@ class PoolCore:
             self._inflight[id(rec)] = rec
         return rec
 
-    def acquire(self, rec: RequestRecord, conn: ConnRecord, *, end_queue: bool) -> None:
+    def acquire(self, rec: RequestRecord, conn: ConnRecord, end_queue: bool) -> None:
         """The pool handed ``conn`` to the request (it may still be connecting).
 
         With ``end_queue=False`` the wait goes on until the first trace event: on a connection
@@ -388,63 +403,71 @@ class PoolCore:
                         rec.tls_time = (rec.tls_time or 0.0) + (now - rec.t_tls_start)
                     rec.t_ready = now
 
-    def call_exit(
+    def headers(
         self,
         rec: RequestRecord,
-        *,
-        status: int | None = None,
-        http_version: str | None = None,
-        failed: bool = False,
+        status: int,
+        http_version: str | None,
         leak_ref: object = None,
     ) -> None:
-        """The connection call returned response headers, or failed after acquire.
+        """The connection call returned the response headers.
 
         ``leak_ref``: see ``watch_for_leak()`` (taken here to save a lock round).
         """
         now = self.clock()
         with self._lock:
-            if failed and rec.pending:
+            if not rec.done:
+                if leak_ref is not None:
+                    self._leak_watch[id(rec)] = leak_ref
+                if rec.pending:
+                    # A traced request that saw no event at all (cannot happen with httpcore's
+                    # events, but a foreign connection class might emit none): it waited
+                    # until now.
+                    rec.pending = False
+                    self.pending -= 1
+                    rec.t_queue_end = now
+            self._count_request(rec)
+            rec.t_headers = now
+            t_ready = rec.t_ready
+            if t_ready is not None:
+                self.ttfb.observe(now - t_ready)
+            if not rec.observed:
+                # Known now, so exported now: an LLM stream may stay open for minutes more.
+                self._observe_phases(rec)
+            rec.status = status
+            if http_version is not None:
+                rec.http_version = http_version
+                rec.origin.http_versions.add(http_version)
+                conn = rec.conn
+                if conn is not None and conn.http_version is None:
+                    conn.http_version = http_version
+                    if http_version != "2":
+                        conn.maybe_h2 = False
+
+    def call_failed(self, rec: RequestRecord) -> None:
+        """The connection call raised after ``acquire()``."""
+        with self._lock:
+            if rec.pending:
                 # It never got past the queue (HTTP/2: cancelled while waiting for a stream
                 # slot or another request's connect): not a request on a connection, and its
                 # wait is observed when it finishes.
                 return
-            if leak_ref is not None and not rec.done:
-                self._leak_watch[id(rec)] = leak_ref
-            conn = rec.conn
-            if rec.pending and not rec.done and not failed:
-                # A traced request that saw no event at all (cannot happen with httpcore's
-                # events, but a foreign connection class might emit none): it waited until now.
-                rec.pending = False
-                self.pending -= 1
-                rec.t_queue_end = now
-            reused = rec.reused
-            if reused is not None:
-                if reused:
-                    rec.origin.requests_reused += 1
-                else:
-                    rec.origin.requests_new += 1
-            if not failed:
-                rec.t_headers = now
-                if rec.t_ready is not None:
-                    self.ttfb.observe(now - rec.t_ready)
+            self._count_request(rec)
             if not rec.observed:
-                # Known now, so exported now: an LLM stream may stay open for minutes more.
                 self._observe_phases(rec)
-            if not failed:
-                rec.status = status
-                if http_version is not None:
-                    rec.http_version = http_version
-                    if http_version not in rec.origin.http_versions:
-                        rec.origin.http_versions.add(http_version)
-                    if conn is not None and conn.http_version is None:
-                        conn.http_version = http_version
-                        if http_version != "2":
-                            conn.maybe_h2 = False
+
+    def _count_request(self, rec: RequestRecord) -> None:
+        """A request that obtained a connection, new or reused (caller holds the lock)."""
+        if rec.opened:
+            rec.origin.requests_new += 1
+        else:
+            conn = rec.conn
+            if conn is not None and conn.connected:
+                rec.origin.requests_reused += 1
 
     def finish(
         self,
         rec: RequestRecord,
-        *,
         error_type: str | None = None,
         pool_timeout: bool = False,
     ) -> bool:
@@ -458,7 +481,9 @@ class PoolCore:
                 return False
             rec.done = True
             rec.t_end = now
-            self._inflight.pop(id(rec), None)
+            key = id(rec)
+            self._inflight.pop(key, None)
+            self._leak_watch.pop(key, None)
             origin = rec.origin
             if rec.pending:
                 rec.pending = False
@@ -470,11 +495,11 @@ class PoolCore:
             self.active -= 1
             origin.active_requests -= 1
             conn = rec.conn
-            self._leak_watch.pop(id(rec), None)
             if conn is not None and not rec.leaked:
                 conn.inflight -= 1
-            self.request_duration.observe(now - rec.t_start)
-            if len(self.request_duration.waiting) >= _FOLD_AT:
+            durations = self._durations
+            durations.append(now - rec.t_start)
+            if len(durations) >= _FOLD_AT:
                 self._fold()
             if error_type is not None:
                 rec.error_type = error_type

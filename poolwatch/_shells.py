@@ -109,7 +109,8 @@ def _start(core: PoolCore, request: Any, hooks: Hooks) -> RequestRecord | None:
     except Exception as exc:
         report_internal_error("request start", exc)
         return None
-    _call_start_hook(hooks, rec, request)
+    if hooks.on_start is not None:
+        _call_start_hook(hooks, rec, request)
     return rec
 
 
@@ -252,7 +253,7 @@ def _enter_connection(
     traced = record.maybe_h2 or not record.connected
     core = site.core
     try:
-        core.acquire(rec, record, end_queue=not record.maybe_h2)
+        core.acquire(rec, record, not record.maybe_h2)
         if not traced:
             return rec, None
         saved = request.extensions
@@ -278,7 +279,7 @@ def _headers_arrived(
         if http_version is None:
             raw = response.extensions.get("http_version", b"")
             http_version = "2" if raw == b"HTTP/2" else "1.1" if raw else None
-        site.core.call_exit(rec, status=response.status, http_version=http_version, leak_ref=ref)
+        site.core.headers(rec, response.status, http_version, ref)
     except Exception as exc:
         report_internal_error("response headers bookkeeping", exc)
     if site.hooks.on_headers is not None:
@@ -297,7 +298,7 @@ def _requeue(core: PoolCore, rec: RequestRecord) -> None:
 
 def _connection_call_failed(site: _Site, rec: RequestRecord) -> None:
     try:
-        site.core.call_exit(rec, failed=True)
+        site.core.call_failed(rec)
         record = site.record
         if record is not None and (
             _httpcore.is_connection_closed(site.conn) or not record.connected
@@ -442,14 +443,14 @@ def _stream_closed(site: _Site, rec: RequestRecord) -> None:
             site.flavour.owns_exception(exc) or error_type_of(exc) == "cancelled"
         ):
             error_type = error_type_of(exc)
-        finished = core.finish(rec, error_type=error_type)
+        finished = core.finish(rec, error_type)
         record = site.record
-        if record is not None and _httpcore.is_connection_closed(site.conn):
+        if record is not None and site.conn.is_closed():
             _connection_gone(core, record, site.key, site.hooks)
     except Exception as err:
         report_internal_error("response close bookkeeping", err)
         return
-    if finished:
+    if finished and site.hooks.on_finish is not None:
         _call_hook(site.hooks.on_finish, rec, "request finish hook")
 
 
@@ -590,10 +591,8 @@ def _start_at_transport(core: PoolCore, request: Any, hooks: Hooks) -> RequestRe
 def _transport_headers(core: PoolCore, rec: RequestRecord, response: Any, hooks: Hooks) -> None:
     try:
         version = getattr(response, "http_version", "") or ""
-        core.call_exit(
-            rec,
-            status=response.status_code,
-            http_version="2" if version == "HTTP/2" else "1.1" if version else None,
+        core.headers(
+            rec, response.status_code, "2" if version == "HTTP/2" else "1.1" if version else None
         )
     except Exception as exc:
         report_internal_error("response headers bookkeeping", exc)

@@ -12,6 +12,7 @@ costs a TCP connection; a direct ``PoolCore`` run covers a hundred thousand orig
 from __future__ import annotations
 
 import logging
+import tracemalloc
 from collections import Counter
 from typing import Any
 
@@ -169,3 +170,23 @@ def test_the_core_keeps_its_bound_over_a_hundred_thousand_origins() -> None:
     # An origin that already has its series keeps it after the overflow.
     assert core.origin((b"https", b"h7.test", 443)).address == "h7.test"
     assert core.origin((b"https", b"h7.test", None)).address == "h7.test"  # default port
+
+
+def test_the_core_holds_no_memory_for_hosts_past_its_bound() -> None:
+    core = PoolCore("core", max_origins=50)
+
+    def call(hosts: range) -> None:
+        for i in hosts:
+            core.finish(core.start(core.origin((b"https", f"h{i}.test".encode(), None))))
+
+    call(range(1_000))  # the 50 origins exist, and the overflow series
+    tracemalloc.start()
+    try:
+        call(range(1_000, 6_000))
+        before = tracemalloc.get_traced_memory()[0]
+        call(range(6_000, 46_000))
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    # Remembering each of the 40,000 further hosts would take megabytes.
+    assert grown < 64 * 1024, grown
