@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -53,10 +54,13 @@ FORBIDDEN_HEADERS = frozenset(
 
 REDACTED = "REDACTED"
 
+#: A URL without any of these has no userinfo, query, fragment or IPv6 host to look at.
+_MAY_NEED_REDACTION = re.compile(r"[?@#\[]").search
+
 
 def redact_url(url: str, extra_keys: Iterable[str] = ()) -> str:
     """``url`` with credentials replaced by ``REDACTED``; ``extra_keys`` extend the list."""
-    if not any(c in url for c in "?@#["):
+    if _MAY_NEED_REDACTION(url) is None:
         return url  # nothing to redact: skip the parse (this runs once per request)
     try:
         parts = urlsplit(url)

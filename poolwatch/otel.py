@@ -268,16 +268,18 @@ class _OtelExporter:
     def _state(self, rec: RequestRecord) -> _Enriched | None:
         """This exporter's span state of a request (several exporters may be enabled)."""
         states = rec.extra
-        if not isinstance(states, dict):
+        if states is None:
             return None
-        state = states.get(self)
-        return state if isinstance(state, _Enriched) else None
+        state: _Enriched | None = states.get(self)
+        return state
 
     def _set_state(self, rec: RequestRecord, state: _Enriched) -> None:
+        """``rec.extra`` is the exporters' dict of states, by exporter (only they set it)."""
         states = rec.extra
-        if not isinstance(states, dict):
-            states = rec.extra = {}
-        states[self] = state
+        if states is None:
+            rec.extra = {self: state}
+        else:
+            states[self] = state
 
     def _on_start(self, rec: RequestRecord, request: Any, pool_name: str) -> None:
         current = trace.get_current_span()
@@ -414,13 +416,22 @@ def _method_and_url(request: Any) -> tuple[str, str]:
     method = request.method
     if isinstance(method, bytes):  # an httpcore Request
         url = request.url
-        port = f":{url.port}" if url.port is not None else ""
-        host = url.host.decode()
-        if ":" in host:  # an IPv6 address
-            host = f"[{host}]"
-        full = f"{url.scheme.decode()}://{host}{port}{url.target.decode()}"
-        return method.decode(), full
+        key = (method, url.scheme, url.host, url.port)
+        known = _REQUEST_LINES.get(key)
+        if known is None:
+            if len(_REQUEST_LINES) >= _ATTRIBUTE_CACHE_SIZE:
+                _REQUEST_LINES.clear()  # stay bounded
+            port = f":{url.port}" if url.port is not None else ""
+            host = url.host.decode()
+            if ":" in host:  # an IPv6 address
+                host = f"[{host}]"
+            known = _REQUEST_LINES[key] = (method.decode(), f"{url.scheme.decode()}://{host}{port}")
+        return known[0], known[1] + url.target.decode()
     return str(method), str(request.url)
+
+
+#: (method, URL up to the path) by httpcore's (method, scheme, host, port): per origin, once.
+_REQUEST_LINES: dict[tuple[bytes, bytes, bytes, int | None], tuple[str, str]] = {}
 
 
 def _header(request: Any, name: str) -> str | None:
