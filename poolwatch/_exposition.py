@@ -6,7 +6,9 @@ of twenty buckets per origin). Here each series' text is built once: a scalar's 
 a histogram's bucket prefixes; a scrape only writes the values. A histogram whose count has not
 moved since the last scrape reuses its whole block, and the buckets of a block are written in
 runs of equal cumulative counts, ``"<count>\\n".join(prefixes)``, so a scrape costs a few
-operations per series, not per line. And a pool at rest costs nothing to speak of: its
+operations per series, not per line; an origin's series are written from ``ORIGIN_SERIES``
+with one ``attrgetter`` call, no lookup per sample. And a pool at rest costs nothing to speak
+of: its
 snapshot is the very object of the last scrape (``ClientWatch.snapshot``), so its text is
 reused whole.
 
@@ -23,10 +25,18 @@ import threading
 from collections.abc import Iterable
 from itertools import compress
 
-from ._catalogue import CATALOGUE, MetricSpec
+from ._catalogue import CATALOGUE, OPEN_CONNECTIONS, MetricSpec
 from ._histogram import HistogramSnapshot
 from ._safety import report_internal_error
-from ._samples import samples
+from ._samples import (
+    ORIGIN_SERIES,
+    OpenConnectionKey,
+    error_samples,
+    open_connection_counts,
+    origin_labels,
+    origin_values,
+    pool_samples,
+)
 from ._snapshot import PoolSnapshot
 
 
@@ -47,7 +57,7 @@ class Exposition:
         A pool that fails to render is left out (and logged once), never the others.
         """
         with self._lock:
-            parts: dict[MetricSpec, list[str]] = {spec: [] for spec in CATALOGUE}
+            parts: list[list[str]] = [[] for _ in CATALOGUE]
             previous, current = self._pools, {}
             for snap in snapshots:
                 pool = previous.get(snap.name) or _PoolText()
@@ -57,46 +67,77 @@ class Exposition:
                     report_internal_error("prometheus render", exc)
                     continue
                 current[snap.name] = pool  # pools gone since the last scrape are forgotten
-                for spec, text in fragments:
-                    parts[spec].append(text)
+                for family, text in fragments:
+                    parts[family].append(text)
             self._pools = current
         out: list[str] = []
-        for spec in CATALOGUE:
+        for spec, pieces in zip(CATALOGUE, parts, strict=True):
             out.append(_HEADERS[spec][openmetrics])
-            out.extend(parts[spec])
+            out.extend(pieces)
         return "".join(out)
 
 
 class _PoolText:
     """One pool's series, and its text per family as of its last snapshot."""
 
-    __slots__ = ("last", "series", "text")
+    __slots__ = ("errors", "last", "open_connections", "origins", "pool", "text")
 
     def __init__(self) -> None:
-        self.series: dict[tuple[MetricSpec, tuple[str, ...]], _Series] = {}
+        #: The pool-wide series, by metric.
+        self.pool: dict[MetricSpec, _Series] = {}
+        #: The failed-requests series, by labels.
+        self.errors: dict[tuple[str, ...], _Series] = {}
+        #: Each origin's ``ORIGIN_SERIES``, in the table's order.
+        self.origins: dict[tuple[str, int, str], list[_Series]] = {}
+        #: The line prefix of each open-connections series.
+        self.open_connections: dict[OpenConnectionKey, str] = {}
         self.last: PoolSnapshot | None = None
-        self.text: list[tuple[MetricSpec, str]] = []
+        self.text: list[tuple[int, str]] = []
 
-    def fragments(self, snap: PoolSnapshot) -> list[tuple[MetricSpec, str]]:
+    def fragments(self, snap: PoolSnapshot) -> list[tuple[int, str]]:
+        """The pool's text as (family index, text), for the families it has series in."""
         if snap is self.last:
             return self.text
         by_family: list[list[str]] = [[] for _ in CATALOGUE]
-        series = self.series
-        for spec, labels, value in samples(snap):
-            one = series.get((spec, labels))
+        pool = self.pool
+        for spec, labels, value in pool_samples(snap):
+            one = pool.get(spec)
             if one is None:
-                one = series[spec, labels] = _Series(spec, labels)
-            if type(value) is int:
-                by_family[one.family].append(f"{one.prefix}{value}\n")
-            elif isinstance(value, HistogramSnapshot):
-                by_family[one.family].append(one.histogram(value))
-            else:
-                by_family[one.family].append(f"{one.prefix}{_number(value)}\n")
-        self.text = [
-            (spec, "".join(lines))
-            for spec, lines in zip(CATALOGUE, by_family, strict=True)
-            if lines
-        ]
+                one = pool[spec] = _Series(spec, labels)
+            one.write(by_family, value)
+        origins = self.origins
+        for o in snap.origins:
+            row = origins.get((o.address, o.port, o.scheme))
+            if row is None:
+                labels = origin_labels(snap.name, o)
+                row = origins[o.address, o.port, o.scheme] = [
+                    _Series(spec, (*labels, *extra)) for spec, extra, _ in ORIGIN_SERIES
+                ]
+            # The per-origin bulk of the page: no lookup, one call for all values.
+            for one, value in zip(row, origin_values(o), strict=True):
+                if type(value) is int:
+                    by_family[one.family].append(f"{one.prefix}{value}\n")
+                else:
+                    by_family[one.family].extend(one.histogram(value))
+            if o.errors:
+                errors = self.errors
+                for spec, labels, value in error_samples(origin_labels(snap.name, o), o):
+                    one = errors.get(labels)
+                    if one is None:
+                        one = errors[labels] = _Series(spec, labels)
+                    one.write(by_family, value)
+        lines = by_family[_FAMILY_INDEX[OPEN_CONNECTIONS]]
+        prefixes = self.open_connections
+        for key, n in open_connection_counts(snap).items():
+            prefix = prefixes.get(key)
+            if prefix is None:
+                address, port, scheme, state, version = key
+                labels = (snap.name, address, str(port), scheme, state, version)
+                prefix = prefixes[key] = _Series(OPEN_CONNECTIONS, labels).prefix
+            lines.append(f"{prefix}{n}\n")
+        # Joined now, while the pieces are hot in the cache: a pool at rest is then one string
+        # per family on the next page.
+        self.text = [(family, "".join(pieces)) for family, pieces in enumerate(by_family) if pieces]
         self.last = snap
         return self.text
 
@@ -104,7 +145,7 @@ class _PoolText:
 class _Series:
     """One series' text pieces, built once; a histogram's last block, reused while unchanged."""
 
-    __slots__ = ("buckets", "count_prefix", "family", "last", "prefix", "sum_prefix")
+    __slots__ = ("buckets", "family", "last", "prefix", "sum_prefix")
 
     def __init__(self, spec: MetricSpec, values: tuple[str, ...]) -> None:
         labels = ",".join(
@@ -114,20 +155,33 @@ class _Series:
         name = spec.prometheus_name
         self.prefix = f"{name}{{{labels}}} "
         self.family = _FAMILY_INDEX[spec]  # its place in the catalogue (and on the page)
-        self.last: tuple[HistogramSnapshot, str] | None = None
+        self.last: tuple[HistogramSnapshot, list[str]] | None = None
         if spec.kind == "histogram":
             sep = "," if labels else ""
+            #: Every bucket's line up to its value, then the count's: the count is +Inf's.
             self.buckets = [
-                f'{name}_bucket{{{labels}{sep}le="{_le(bound)}"}} '
-                for bound in (*spec.buckets, math.inf)
+                *(
+                    f'{name}_bucket{{{labels}{sep}le="{_le(bound)}"}} '
+                    for bound in (*spec.buckets, math.inf)
+                ),
+                f"{name}_count{{{labels}}} ",
             ]
-            self.count_prefix = f"{name}_count{{{labels}}} "
             self.sum_prefix = f"{name}_sum{{{labels}}} "
         else:
             self.buckets = []
-            self.count_prefix = self.sum_prefix = ""
+            self.sum_prefix = ""
 
-    def histogram(self, h: HistogramSnapshot) -> str:
+    def write(self, by_family: list[list[str]], value: float | HistogramSnapshot) -> None:
+        """Add the series' text to its family's pieces."""
+        if type(value) is int:
+            by_family[self.family].append(f"{self.prefix}{value}\n")
+        elif isinstance(value, HistogramSnapshot):
+            by_family[self.family].extend(self.histogram(value))
+        else:
+            by_family[self.family].append(f"{self.prefix}{_number(value)}\n")
+
+    def histogram(self, h: HistogramSnapshot) -> list[str]:
+        """The block's text, in pieces (the family's join writes them once)."""
         last = self.last
         if last is not None and (
             last[0] is h or (last[0].count == h.count and last[0].sum == h.sum)
@@ -135,23 +189,26 @@ class _Series:
             return last[1]
         buckets = self.buckets
         counts = h.counts
-        pieces: list[str] = []
-        start = 0
-        running = counts[0]
-        # Cumulative counts change only after non-empty buckets: write runs of equal values.
-        for i in compress(range(1, len(counts)), counts[1:]):
+        total = h.count
+        if counts[0] == total:  # one run: every observation in the first bucket, or none
+            value = f"{total}\n"
+            pieces = [value.join(buckets), f"{value}{self.sum_prefix}{_number(h.sum)}\n"]
+        else:
+            # Cumulative counts change only after non-empty buckets: runs of equal values.
+            pieces = []
+            start = 0
+            running = counts[0]
+            for i in compress(range(1, len(counts)), counts[1:]):
+                value = f"{running}\n"
+                pieces.append(value.join(buckets[start:i]))
+                pieces.append(value)
+                start = i
+                running += counts[i]
             value = f"{running}\n"
-            pieces.append(value.join(buckets[start:i]))
-            pieces.append(value)
-            start = i
-            running += counts[i]
-        value = f"{running}\n"
-        pieces.append(value.join(buckets[start:]))
-        pieces.append(value)
-        pieces.append(f"{self.count_prefix}{running}\n{self.sum_prefix}{_number(h.sum)}\n")
-        block = "".join(pieces)
-        self.last = (h, block)
-        return block
+            pieces.append(value.join(buckets[start:]))  # the last run, +Inf and the count
+            pieces.append(f"{value}{self.sum_prefix}{_number(h.sum)}\n")
+        self.last = (h, pieces)
+        return pieces
 
 
 def _number(value: float) -> str:

@@ -1,16 +1,21 @@
 """A snapshot as samples of the catalogue's metrics: what every exporter exports.
 
 The Prometheus collector, the multiprocess pusher and the OpenTelemetry observable callbacks
-all iterate ``samples()``; none of them decides on its own which series exist.
+all iterate ``samples()``; none of them decides on its own which series exist. poolwatch's own
+Prometheus page (``_exposition.py``) walks the same parts (``pool_samples``, ``ORIGIN_SERIES``,
+``error_samples``, ``open_connection_counts``) without making a tuple per sample, the bulk of
+a scrape's work when every origin moved.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TypeAlias
+from collections.abc import Callable, Iterator
+from operator import attrgetter
+from typing import Any, TypeAlias
 
 from . import _api
 from . import _catalogue as c
+from ._core import OriginSnapshot
 from ._histogram import HistogramSnapshot
 from ._safety import report_internal_error
 from ._snapshot import PoolSnapshot
@@ -43,11 +48,44 @@ def every_pool(site: str) -> Iterator[Sample]:
         yield from pool
 
 
+#: The series every origin has, each as (metric, label values after the origin's, the field of
+#: ``OriginSnapshot`` it reads). ``samples()`` and poolwatch's own Prometheus page both walk it.
+ORIGIN_SERIES: tuple[tuple[c.MetricSpec, tuple[str, ...], str], ...] = (
+    (c.ACTIVE_REQUESTS, (), "active_requests"),
+    (c.REQUESTS, ("true",), "requests_reused"),
+    (c.REQUESTS, ("false",), "requests_new"),
+    (c.CONNECTIONS_CREATED, (), "connections_created"),
+    (c.TIMEOUTS, (), "timeouts"),
+    (c.TIME_IN_QUEUE, (), "time_in_queue"),
+    (c.CONNECTION_DURATION, (), "connection_duration"),
+)
+#: An origin's values of ``ORIGIN_SERIES``, in that order, in one call.
+origin_values: Callable[[OriginSnapshot], tuple[Any, ...]] = attrgetter(
+    *(field for _, _, field in ORIGIN_SERIES)
+)
+
+
 def samples(snap: PoolSnapshot) -> Iterator[Sample]:
     """Every series of one pool, zeros included, so ``rate()`` works from the first scrape.
 
     Pool-wide series always exist; per-origin ones from the first request to that origin.
     """
+    yield from pool_samples(snap)
+    for o in snap.origins:
+        origin = origin_labels(snap.name, o)
+        for (spec, extra, _), value in zip(ORIGIN_SERIES, origin_values(o), strict=True):
+            yield (spec, (*origin, *extra), value)
+        yield from error_samples(origin, o)
+    yield from open_connection_samples(snap)
+
+
+def origin_labels(pool_name: str, o: OriginSnapshot) -> tuple[str, str, str, str]:
+    """The label values every per-origin series starts with."""
+    return (pool_name, o.address, str(o.port), o.scheme)
+
+
+def pool_samples(snap: PoolSnapshot) -> Iterator[Sample]:
+    """The pool-wide series."""
     pool = (snap.name,)
     yield (c.PENDING_REQUESTS, pool, snap.pending_requests)
     yield (c.PENDING_MAX_AGE, pool, snap.pending_max_age)
@@ -70,25 +108,34 @@ def samples(snap: PoolSnapshot) -> Iterator[Sample]:
             continue  # plain HTTP only (so far): no handshake to time
         yield (spec, pool, histogram)
 
-    open_conns: dict[tuple[str, str, str, str, str], int] = {}
+
+def error_samples(origin: tuple[str, ...], o: OriginSnapshot) -> Iterator[Sample]:
+    """An origin's failed requests, one series per ``error.type`` seen."""
+    for error_type, n in sorted(o.errors.items()):
+        yield (c.REQUEST_ERRORS, (*origin, error_type), n)
+
+
+def open_connection_samples(snap: PoolSnapshot) -> Iterator[Sample]:
+    """Open connections by origin, state and protocol version."""
+    for (address, port, scheme, state, version), n in open_connection_counts(snap).items():
+        yield (c.OPEN_CONNECTIONS, (snap.name, address, str(port), scheme, state, version), n)
+
+
+#: An open-connections series of a pool: (address, port, scheme, state, protocol version).
+OpenConnectionKey: TypeAlias = tuple[str, int, str, str, str]
+
+
+def open_connection_counts(snap: PoolSnapshot) -> dict[OpenConnectionKey, int]:
+    """Open connections by origin, state and protocol version, in the origins' order; zeros
+    for every origin's states and versions seen, so a series that empties reads 0, never
+    vanishes."""
+    counts: dict[OpenConnectionKey, int] = {}
+    for o in snap.origins:
+        for version in o.http_versions or ("1.1",):
+            counts[o.address, o.port, o.scheme, "active", version] = 0
+            counts[o.address, o.port, o.scheme, "idle", version] = 0
     for g in snap.connections:
         if g.state in ("active", "idle"):
-            key = (g.address, str(g.port), g.scheme, g.state, g.http_version)
-            open_conns[key] = open_conns.get(key, 0) + g.count
-    for o in snap.origins:
-        origin = (snap.name, o.address, str(o.port), o.scheme)
-        for version in o.http_versions or ("1.1",):
-            for state in ("active", "idle"):
-                key = (o.address, str(o.port), o.scheme, state, version)
-                open_conns.setdefault(key, 0)
-        yield (c.ACTIVE_REQUESTS, origin, o.active_requests)
-        yield (c.REQUESTS, (*origin, "true"), o.requests_reused)
-        yield (c.REQUESTS, (*origin, "false"), o.requests_new)
-        yield (c.CONNECTIONS_CREATED, origin, o.connections_created)
-        yield (c.TIMEOUTS, origin, o.timeouts)
-        for error_type, n in sorted(o.errors.items()):
-            yield (c.REQUEST_ERRORS, (*origin, error_type), n)
-        yield (c.TIME_IN_QUEUE, origin, o.time_in_queue)
-        yield (c.CONNECTION_DURATION, origin, o.connection_duration)
-    for (address, port, scheme, state, version), n in sorted(open_conns.items()):
-        yield (c.OPEN_CONNECTIONS, (snap.name, address, port, scheme, state, version), n)
+            key = (g.address, g.port, g.scheme, g.state, g.http_version)
+            counts[key] = counts.get(key, 0) + g.count
+    return counts

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import logging
+import random
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -22,7 +23,9 @@ from prometheus_client.parser import text_string_to_metric_families
 import poolwatch
 import poolwatch._exposition
 import poolwatch.prometheus
-from poolwatch._catalogue import CATALOGUE
+from poolwatch._catalogue import CATALOGUE, TIME_IN_QUEUE
+from poolwatch._exposition import _Series
+from poolwatch._histogram import HistogramSnapshot
 from poolwatch._loopback import LoopbackServer
 
 #: What Prometheus 2.x sends when it scrapes.
@@ -199,14 +202,14 @@ def test_a_pool_that_cannot_be_written_is_left_out_and_the_others_stay(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    real = poolwatch._exposition.samples
+    real = poolwatch._exposition.pool_samples
 
     def failing_for_one(snap: poolwatch.PoolSnapshot) -> Any:
         if snap.name == "broken":
             raise RuntimeError("cannot write this pool")
         return real(snap)
 
-    monkeypatch.setattr(poolwatch._exposition, "samples", failing_for_one)
+    monkeypatch.setattr(poolwatch._exposition, "pool_samples", failing_for_one)
     with (
         caplog.at_level(logging.INFO, logger="poolwatch"),
         traffic(hx, loopback_server, "broken"),
@@ -239,3 +242,36 @@ def test_a_pool_uninstrumented_since_the_last_scrape_leaves_the_page(
         {dict(labels).get("pool_name") for _n, labels in samples_of(p)} for p in (before, after)
     ]
     assert pools == [{"leaving", "staying", None}, {"staying", None}]  # None: app_jobs
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_histogram_block_holds_the_cumulative_counts_whichever_buckets_are_filled(
+    seed: int,
+) -> None:
+    """The block writer skips work on runs of equal cumulative counts and on histograms that
+    filled only their first bucket; prometheus_client's parser reads back every bucket."""
+    rng = random.Random(seed)
+    bounds = TIME_IN_QUEUE.buckets
+    n = len(bounds) + 1
+    shapes = [
+        [0] * n,  # nothing observed
+        [rng.randrange(1, 9)] + [0] * (n - 1),  # all in the first bucket
+        [0] * (n - 1) + [rng.randrange(1, 9)],  # all past the last bound
+        [rng.choice((0, 0, 0, rng.randrange(1, 50))) for _ in range(n)],  # a few buckets
+        [rng.randrange(0, 3) for _ in range(n)],  # many
+    ]
+    series = _Series(TIME_IN_QUEUE, ("p", "api.example", "443", "https"))
+    header = f"# TYPE {TIME_IN_QUEUE.prometheus_name} histogram\n"
+    for counts in shapes:
+        h = HistogramSnapshot(bounds, tuple(counts), sum(counts), rng.random() * 10)
+        block = "".join(series.histogram(h))
+        [family] = text_string_to_metric_families(header + block)
+        got = {(s.name, s.labels.get("le")): s.value for s in family.samples}
+        les = [*(repr(float(b)) for b in bounds), "+Inf"]
+        name = TIME_IN_QUEUE.prometheus_name
+        assert [got[f"{name}_bucket", le] for le in les] == h.cumulative()
+        assert got[f"{name}_count", None] == h.count
+        assert got[f"{name}_sum", None] == pytest.approx(h.sum)
+        assert len(family.samples) == n + 2
+        same = HistogramSnapshot(bounds, tuple(counts), h.count, h.sum)
+        assert series.histogram(same) is series.histogram(h)  # unchanged: reused, not rewritten
