@@ -126,7 +126,9 @@ class LogCounter(logging.Handler):
 class Setup:
     """The client of one variant, and what its export step and sanity checks need."""
 
-    def __init__(self, base: str, family: str, concurrency: int) -> None:
+    def __init__(
+        self, base: str, family: str, concurrency: int, *, saturation_threshold: float | None = 0.8
+    ) -> None:
         self.base = base
         self.family = family
         hx = importlib.import_module(family)
@@ -176,7 +178,9 @@ class Setup:
 
             self.log_counter = LogCounter()
             logging.getLogger("poolwatch").addHandler(self.log_counter)
-            poolwatch.instrument(self.client, name="bench")
+            poolwatch.instrument(
+                self.client, name="bench", saturation_threshold=saturation_threshold
+            )
             if self.prom:
                 from prometheus_client import CollectorRegistry  # noqa: PLC0415
 

@@ -3,15 +3,18 @@
 CPU time on a shared VM moves by several per cent between identical runs; instructions do
 not. Each variant runs twice under ``valgrind --tool=callgrind`` (N and 3N requests through
 one keep-alive connection); the difference divided by 2N is the per-request count, free of
-interpreter start-up and imports. Run: ``python bench/instructions.py --url http://127.0.0.1:PORT/``
-against ``bench/server.py`` (started separately, not under valgrind). Slow: minutes per run.
+interpreter start-up and imports. Every thread counts (the OTel batch span processor's too).
+The variants are ``client.py``'s, built by its ``Setup`` (poolwatch's saturation sampler off:
+its once-a-second wake-ups would count by valgrind's slow clock), without the export step.
+Run: ``python bench/instructions.py --url http://127.0.0.1:PORT/`` against ``bench/server.py``
+(started separately, not under valgrind). Slow: minutes per run. "quotient" is a variant's
+overhead over otel-httpx's, ``(variant - bare) / (otel-httpx - bare)``: the OTel target's measure.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import json
 import re
 import subprocess
@@ -19,24 +22,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry
+from client import Setup
 
-import poolwatch
-import poolwatch.prometheus
-
-VARIANTS = ("bare", "poolwatch-prom")
+VARIANTS = ("bare", "poolwatch-prom", "poolwatch-prom-otel", "otel-httpx")
 
 
 def client(family: str, variant: str, url: str, requests: int) -> None:
-    hx = importlib.import_module(family)
-    if variant != "bare":
-        poolwatch.prometheus.enable(CollectorRegistry())
-
     async def main() -> None:
-        transport = hx.AsyncHTTPTransport(limits=hx.Limits(max_connections=1))
-        async with hx.AsyncClient(transport=transport) as c:
-            if variant != "bare":
-                poolwatch.instrument(c, saturation_threshold=None)
+        setup = Setup(variant, family, 1, saturation_threshold=None)
+        async with setup.client as c:
             for _ in range(requests):
                 (await c.get(url)).raise_for_status()
 
@@ -61,6 +55,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", help="bench/server.py's URL (required unless --client)")
     parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--family", choices=("httpx", "httpx2"), action="append")
+    parser.add_argument("--variant", choices=VARIANTS, action="append")
     parser.add_argument("--client", nargs=4, metavar=("FAMILY", "VARIANT", "URL", "N"))
     args = parser.parse_args()
     if args.client:
@@ -71,26 +67,38 @@ def main() -> None:
         parser.error("--url is required")
     n = args.requests
     rows = []
-    for family in ("httpx", "httpx2"):
+    variants = args.variant or VARIANTS
+    if "bare" not in variants:
+        variants = ["bare", *variants]
+    for family in args.family or ("httpx", "httpx2"):
         per_request = {}
-        for variant in VARIANTS:
+        for variant in variants:
             small = count(family, variant, args.url, n)
             large = count(family, variant, args.url, 3 * n)
             per_request[variant] = (large - small) / (2 * n)
         bare = per_request["bare"]
+        otel_httpx = per_request.get("otel-httpx")
         for variant, instructions in per_request.items():
-            rows.append({
+            row = {
                 "family": family, "variant": variant,
                 "instructions_per_request": round(instructions),
                 "ratio_vs_bare": round(instructions / bare, 4),
-            })  # fmt: skip
-            print(json.dumps(rows[-1]), flush=True)
-    print("\n| family | variant | instructions / request | ratio vs bare |")
-    print("|---|---|---|---|")
+            }  # fmt: skip
+            if otel_httpx is not None and variant != "bare":
+                # The OTel target's quotient: this variant's overhead over otel-httpx's.
+                quotient = (instructions - bare) / (otel_httpx - bare)
+                row["overhead_vs_otel_httpx"] = round(quotient, 3)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(
+        "\n| family | variant | instructions / request | ratio vs bare | overhead / otel-httpx's |"
+    )
+    print("|---|---|---|---|---|")
     for r in rows:
+        q = r.get("overhead_vs_otel_httpx")
         print(
             f"| {r['family']} | {r['variant']} | {r['instructions_per_request']:,} "
-            f"| {r['ratio_vs_bare']:.3f} |"
+            f"| {r['ratio_vs_bare']:.3f} | {'' if q is None else f'{q:.2f}'} |"
         )
 
 
