@@ -8,9 +8,8 @@ moved since the last scrape reuses its whole block, and the buckets of a block a
 runs of equal cumulative counts, ``"<count>\\n".join(prefixes)``, so a scrape costs a few
 operations per series, not per line; an origin's series are written from ``ORIGIN_SERIES``
 with one ``attrgetter`` call, no lookup per sample. And a pool at rest costs nothing to speak
-of: its
-snapshot is the very object of the last scrape (``ClientWatch.snapshot``), so its text is
-reused whole.
+of: its snapshot is the very object of the last scrape (``ClientWatch.snapshot``), so its text
+is reused whole.
 
 Both formats prometheus_client speaks are written: the text format (0.0.4) and OpenMetrics 1.0
 (what Prometheus asks for first). They differ, for poolwatch's metrics, only in the family
@@ -33,6 +32,7 @@ from ._samples import (
     OpenConnectionKey,
     error_samples,
     open_connection_counts,
+    open_connection_labels,
     origin_labels,
     origin_values,
     pool_samples,
@@ -118,7 +118,7 @@ class _PoolText:
                 if type(value) is int:
                     by_family[one.family].append(f"{one.prefix}{value}\n")
                 else:
-                    by_family[one.family].extend(one.histogram(value))
+                    one.write(by_family, value)
             if o.errors:
                 errors = self.errors
                 for spec, labels, value in error_samples(origin_labels(snap.name, o), o):
@@ -131,15 +131,24 @@ class _PoolText:
         for key, n in open_connection_counts(snap).items():
             prefix = prefixes.get(key)
             if prefix is None:
-                address, port, scheme, state, version = key
-                labels = (snap.name, address, str(port), scheme, state, version)
+                labels = open_connection_labels(snap.name, key)
                 prefix = prefixes[key] = _Series(OPEN_CONNECTIONS, labels).prefix
             lines.append(f"{prefix}{n}\n")
+        self._forget_what_is_gone(snap)
         # Joined now, while the pieces are hot in the cache: a pool at rest is then one string
         # per family on the next page.
         self.text = [(family, "".join(pieces)) for family, pieces in enumerate(by_family) if pieces]
         self.last = snap
         return self.text
+
+    def _forget_what_is_gone(self, snap: PoolSnapshot) -> None:
+        """Keep the caches bounded by what the pool has now: a client's origins are bounded by
+        its core, but clients that come and go under one name would add up. Past the bound,
+        start over (the next scrape writes the prefixes again)."""
+        if len(self.origins) > 2 * len(snap.origins) + _SPARE_ORIGINS:
+            self.origins = {}
+            self.errors = {}
+            self.open_connections = {}
 
 
 class _Series:
@@ -241,4 +250,6 @@ def _headers(spec: MetricSpec) -> tuple[str, str]:
 
 
 _HEADERS = {spec: _headers(spec) for spec in CATALOGUE}
+#: Origins a pool's text may keep beyond twice what its snapshot has.
+_SPARE_ORIGINS = 64
 _FAMILY_INDEX = {spec: i for i, spec in enumerate(CATALOGUE)}

@@ -69,6 +69,8 @@ def samples(snap: PoolSnapshot) -> Iterator[Sample]:
     """Every series of one pool, zeros included, so ``rate()`` works from the first scrape.
 
     Pool-wide series always exist; per-origin ones from the first request to that origin.
+    A series added here must come from one of the parts below, which poolwatch's own page
+    (``_exposition._PoolText.fragments``) walks as well.
     """
     yield from pool_samples(snap)
     for o in snap.origins:
@@ -117,18 +119,24 @@ def error_samples(origin: tuple[str, ...], o: OriginSnapshot) -> Iterator[Sample
 
 def open_connection_samples(snap: PoolSnapshot) -> Iterator[Sample]:
     """Open connections by origin, state and protocol version."""
-    for (address, port, scheme, state, version), n in open_connection_counts(snap).items():
-        yield (c.OPEN_CONNECTIONS, (snap.name, address, str(port), scheme, state, version), n)
+    for key, n in open_connection_counts(snap).items():
+        yield (c.OPEN_CONNECTIONS, open_connection_labels(snap.name, key), n)
 
 
 #: An open-connections series of a pool: (address, port, scheme, state, protocol version).
 OpenConnectionKey: TypeAlias = tuple[str, int, str, str, str]
 
 
+def open_connection_labels(pool_name: str, key: OpenConnectionKey) -> tuple[str, ...]:
+    """The label values of one open-connections series."""
+    address, port, scheme, state, version = key
+    return (pool_name, address, str(port), scheme, state, version)
+
+
 def open_connection_counts(snap: PoolSnapshot) -> dict[OpenConnectionKey, int]:
-    """Open connections by origin, state and protocol version, in the origins' order; zeros
-    for every origin's states and versions seen, so a series that empties reads 0, never
-    vanishes."""
+    """Open connections by origin, state and protocol version: zeros first, for every origin's
+    states and versions seen (so a series that empties reads 0, never vanishes), in the
+    origins' order, then any other the pool has (connections with no version yet)."""
     counts: dict[OpenConnectionKey, int] = {}
     for o in snap.origins:
         for version in o.http_versions or ("1.1",):

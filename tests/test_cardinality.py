@@ -23,8 +23,11 @@ from truth import wait_until
 
 import poolwatch
 import poolwatch.prometheus
-from poolwatch._core import OVERFLOW_ADDRESS, PoolCore
+from poolwatch._core import OVERFLOW_ADDRESS, OriginSnapshot, PoolCore
+from poolwatch._exposition import Exposition
+from poolwatch._histogram import HistogramSnapshot
 from poolwatch._loopback import LoopbackServer
+from poolwatch._snapshot import PoolSnapshot
 
 HOSTS = 1000
 
@@ -190,3 +193,33 @@ def test_the_core_holds_no_memory_for_hosts_past_its_bound() -> None:
         tracemalloc.stop()
     # Remembering each of the 40,000 further hosts would take megabytes.
     assert grown < 64 * 1024, grown
+
+
+def test_the_page_writer_keeps_no_text_for_origins_its_pools_no_longer_have() -> None:
+    """A pool name whose origins keep changing (clients that come and go under one name)
+    leaves the page writer's caches bounded, and the page shows only the origins of now."""
+    exposition = Exposition()
+    empty = HistogramSnapshot((1.0,), (0, 0), 0, 0.0)
+    for round_ in range(60):
+        hosts = [f"h{round_}-{i}.test" for i in range(5)]
+        origins = tuple(
+            OriginSnapshot("https", host, 443, 0, round_, 1, 1, 0, {}, ("1.1",), empty, empty)
+            for host in hosts
+        )
+        snap = PoolSnapshot(
+            name="churn", max_connections=10, active_connections=0, idle_connections=0,
+            pending_requests=0, active_requests=0, utilization=0.0, requests_total=0,
+            reused_requests_total=0, connections_created_total=0, pool_timeouts_total=0,
+            leaked_responses_total=0, reuse_ratio=None, origins=origins,
+        )  # fmt: skip
+        page = exposition.render([snap])
+        addresses = {
+            s.labels["server_address"]
+            for family in text_string_to_metric_families(page)
+            for s in family.samples
+            if "server_address" in s.labels
+        }
+        assert addresses == set(hosts)
+        text = exposition._pools["churn"]
+        assert len(text.origins) <= 2 * 5 + 64
+        assert len(text.open_connections) <= 2 * (2 * 5 + 64)
