@@ -203,13 +203,20 @@ def test_top_without_once_keeps_watching_until_ctrl_c(exporter: str) -> None:
     client = poolwatch.instrument(httpx.Client(trust_env=False), name="top-live-pool")
     env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
     try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "poolwatch", "top", exporter, "--interval", "0.2"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
+        # A suite started in the background (``cmd &`` in a script, ``nohup``) runs with SIGINT
+        # ignored, which its children inherit and Python then keeps: hand the child SIGINT as a
+        # terminal would (a caught signal is reset to the default by exec).
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "poolwatch", "top", exporter, "--interval", "0.2"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+        finally:
+            signal.signal(signal.SIGINT, previous)
         time.sleep(2.0)
         assert proc.poll() is None, proc.communicate()
         proc.send_signal(signal.SIGINT)
