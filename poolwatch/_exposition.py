@@ -107,10 +107,11 @@ class _PoolText:
             one.write(by_family, value)
         origins = self.origins
         for o in snap.origins:
-            row = origins.get((o.address, o.port, o.scheme))
+            origin_key = (o.address, o.port, o.scheme)
+            row = origins.get(origin_key)
             if row is None:
                 labels = origin_labels(snap.name, o)
-                row = origins[o.address, o.port, o.scheme] = [
+                row = origins[origin_key] = [
                     _Series(spec, (*labels, *extra)) for spec, extra, _ in ORIGIN_SERIES
                 ]
             # The per-origin bulk of the page: no lookup, one call for all values.
