@@ -458,12 +458,11 @@ class PoolCore:
 
     def _count_request(self, rec: RequestRecord) -> None:
         """A request that obtained a connection, new or reused (caller holds the lock)."""
-        if rec.opened:
+        reused = rec.reused
+        if reused:
+            rec.origin.requests_reused += 1
+        elif reused is not None:
             rec.origin.requests_new += 1
-        else:
-            conn = rec.conn
-            if conn is not None and conn.connected:
-                rec.origin.requests_reused += 1
 
     def finish(
         self,

@@ -221,10 +221,6 @@ def is_connection_idle(conn: Any) -> bool:
     return bool(conn.is_idle())
 
 
-def is_connection_closed(conn: Any) -> bool:
-    return bool(conn.is_closed())
-
-
 class IdleSockets:
     """The idle HTTP/1.1 connections among ``(connection, http_version)`` pairs, ready to be
     asked, all at once and as often as needed, which of them the server already closed (their

@@ -300,9 +300,7 @@ def _connection_call_failed(site: _Site, rec: RequestRecord) -> None:
     try:
         site.core.call_failed(rec)
         record = site.record
-        if record is not None and (
-            _httpcore.is_connection_closed(site.conn) or not record.connected
-        ):
+        if record is not None and (site.conn.is_closed() or not record.connected):
             _connection_gone(site.core, record, site.key, site.hooks)
     except Exception as exc:
         report_internal_error("connection failure bookkeeping", exc)

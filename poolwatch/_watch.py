@@ -152,7 +152,7 @@ class ClientWatch:
         # Connections opened before instrument(): watch them too, as already connected.
         for conn in _httpcore.connections(pool):
             key = _httpcore.connection_origin_key(conn)
-            if key is None or _httpcore.is_connection_closed(conn):
+            if key is None or conn.is_closed():
                 continue
             _shells.watch_connection(
                 core,
