@@ -16,7 +16,9 @@ does) for requests that waited at least 5 ms. Otherwise poolwatch makes the CLIE
 itself: it starts when the request enters the pool and **ends when the response is closed**,
 so a streamed LLM response's span covers the whole stream (minutes);
 ``poolwatch.request.time_to_first_byte`` says when the headers came. A cancellation is not an
-error.
+error. The span is handed to the SDK whole when the response closes (with the start time and
+the parent context of the request's start): one call with every attribute, where starting it
+early and adding to it costs a second call per span, and span processors see it only then.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
-from opentelemetry import metrics, trace
+from opentelemetry import context, metrics, trace
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -265,15 +267,15 @@ class _OtelExporter:
             self._attributes[key] = attributes
         return attributes
 
-    def _state(self, rec: RequestRecord) -> _Enriched | None:
+    def _state(self, rec: RequestRecord) -> _Enriched | _Owned | None:
         """This exporter's span state of a request (several exporters may be enabled)."""
         states = rec.extra
         if states is None:
             return None
-        state: _Enriched | None = states.get(self)
+        state: _Enriched | _Owned | None = states.get(self)
         return state
 
-    def _set_state(self, rec: RequestRecord, state: _Enriched) -> None:
+    def _set_state(self, rec: RequestRecord, state: _Enriched | _Owned) -> None:
         """``rec.extra`` is the exporters' dict of states, by exporter (only they set it)."""
         states = rec.extra
         if states is None:
@@ -282,7 +284,8 @@ class _OtelExporter:
             states[self] = state
 
     def _on_start(self, rec: RequestRecord, request: Any, pool_name: str) -> None:
-        current = trace.get_current_span()
+        parent = context.get_current()
+        current = trace.get_current_span(parent)
         if current.is_recording() and _is_http_client_span(current):
             self._set_state(rec, _Enriched(current, pool_name))
             return
@@ -292,7 +295,6 @@ class _OtelExporter:
             "server.address": rec.origin.address,
             "server.port": rec.origin.port,
             "url.full": redact_url(url, self._sensitive_keys),
-            "url.scheme": rec.origin.scheme,
         }
         if method not in _KNOWN_METHODS:
             attributes["http.request.method_original"] = method
@@ -300,17 +302,12 @@ class _OtelExporter:
             value = _header(request, name)
             if value is not None:
                 attributes[f"http.request.header.{name}"] = [value]
-        span = self._tracer.start_span(
-            method if method in _KNOWN_METHODS else "HTTP",
-            kind=SpanKind.CLIENT,
-            attributes=attributes,
-            start_time=_ns(rec.t_start),
-        )
-        self._set_state(rec, _Owned(span, pool_name))
+        name = method if method in _KNOWN_METHODS else "HTTP"
+        self._set_state(rec, _Owned(pool_name, name, attributes, parent))
 
     def _on_headers(self, rec: RequestRecord) -> None:
         state = self._state(rec)
-        if isinstance(state, _Enriched) and not isinstance(state, _Owned):
+        if isinstance(state, _Enriched):
             # The other instrumentation ends its span when the headers are in: add now.
             state.span.set_attributes(_pool_attributes(rec, state.pool_name))
             self._wait_span(state.span, rec)
@@ -337,9 +334,11 @@ class _OtelExporter:
             self._histograms[c.REQUEST_DURATION].record(rec.t_end - rec.t_start, pool_attributes)
         state = self._state(rec)
         if isinstance(state, _Owned):
-            span = state.span
-            # One call for everything learnt since the start: attributes cost per call.
-            attributes = _pool_attributes(rec, state.pool_name)
+            # The span is made now, with everything learnt since the start in one go: the
+            # SDK's cost is per call and per attribute. Its start time and parent are the
+            # request's (the context it started in), as if it had been open all along.
+            attributes = state.attributes
+            attributes.update(_pool_attributes(rec, state.pool_name))
             if rec.status is not None:
                 attributes["http.response.status_code"] = rec.status
             if rec.http_version is not None:
@@ -351,7 +350,13 @@ class _OtelExporter:
                 error = str(rec.status)
             if error is not None:
                 attributes["error.type"] = error
-            span.set_attributes(attributes)
+            span = self._tracer.start_span(
+                state.name,
+                context=state.parent,
+                kind=SpanKind.CLIENT,
+                attributes=attributes,
+                start_time=_ns(rec.t_start),
+            )
             if error is not None:
                 span.set_status(Status(StatusCode.ERROR))
             self._wait_span(span, rec)
@@ -361,10 +366,9 @@ class _OtelExporter:
         queue = rec.queue_time
         if queue is None or queue < WAIT_SPAN_THRESHOLD or rec.t_queue_end is None:
             return
-        context = trace.set_span_in_context(parent)
         span = self._tracer.start_span(
             "wait_for_connection",
-            context=context,
+            context=trace.set_span_in_context(parent),
             kind=SpanKind.INTERNAL,
             start_time=_ns(rec.t_start),
             attributes={"server.address": rec.origin.address, "server.port": rec.origin.port},
@@ -382,10 +386,19 @@ class _Enriched:
         self.pool_name = pool_name
 
 
-class _Owned(_Enriched):
-    """poolwatch's own CLIENT span, ended when the response closes."""
+class _Owned:
+    """poolwatch's own CLIENT span, to be made when the response closes: its name, the
+    attributes known at the start, and the context the request started in (its parent)."""
 
-    __slots__ = ()
+    __slots__ = ("attributes", "name", "parent", "pool_name")
+
+    def __init__(
+        self, pool_name: str, name: str, attributes: dict[str, Any], parent: context.Context
+    ) -> None:
+        self.pool_name = pool_name
+        self.name = name
+        self.attributes = attributes
+        self.parent = parent
 
 
 def _pool_attributes(rec: RequestRecord, pool_name: str) -> dict[str, Any]:

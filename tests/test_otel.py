@@ -490,7 +490,7 @@ def test_poolwatch_alone_makes_one_client_span_per_request_with_semconv_and_pool
         assert attributes["server.address"] == "127.0.0.1"
         assert attributes["server.port"] == port
         assert attributes["url.full"] == redact_url(url)
-        assert attributes["url.scheme"] == "http"
+        assert "url.scheme" not in attributes  # opt-in on client spans; url.full has it
         assert attributes["http.response.status_code"] == 200
         assert attributes["network.protocol.version"] == "1.1"
         assert attributes["poolwatch.pool.name"] == name
@@ -622,6 +622,32 @@ def test_poolwatchs_span_is_a_child_of_the_callers_current_span(
     assert span.parent is not None
     assert span.parent.span_id == job.get_span_context().span_id
     assert span.context.trace_id == job.get_span_context().trace_id
+
+
+def test_poolwatchs_span_keeps_the_parent_it_started_under_when_the_response_closes_elsewhere(
+    hx: Any, otel: Otel, loopback_server: LoopbackServer
+) -> None:
+    """poolwatch hands its span to the SDK when the response closes, with the context the
+    request started in: a stream read and closed under another span keeps its real parent."""
+    tracer = otel.tracer_provider.get_tracer("the-application")
+    with hx.Client() as client:
+        poolwatch.instrument(client, name="otel-parent-later")
+        before = time.time_ns()
+        with tracer.start_as_current_span("handle-job") as job:
+            response = client.send(
+                client.build_request("GET", f"{loopback_server.url}/ok"), stream=True
+            )
+        with tracer.start_as_current_span("other-work") as other:
+            assert client_spans(otel.spans()) == []  # still open
+            response.read()
+            response.close()
+    (span,) = client_spans(otel.spans())
+    assert span.parent is not None
+    assert span.parent.span_id == job.get_span_context().span_id
+    assert span.parent.span_id != other.get_span_context().span_id
+    assert span.start_time is not None
+    assert span.end_time is not None
+    assert before <= span.start_time < job.end_time <= span.end_time  # type: ignore[operator]
 
 
 def test_with_spans_off_there_are_histograms_but_no_spans(
