@@ -2,8 +2,9 @@
 
 CPU time on a shared VM moves by several per cent between identical runs; instructions do
 not. Each variant runs twice under ``valgrind --tool=callgrind`` (N and 3N requests through
-one keep-alive connection); the difference divided by 2N is the per-request count, free of
-interpreter start-up and imports. Every thread counts (the OTel batch span processor's too).
+one keep-alive connection, or with ``--concurrency C`` shared by C workers through a pool of
+C); the difference divided by 2N is the per-request count, free of interpreter start-up and
+imports. Every thread counts (the OTel batch span processor's too).
 The variants are ``client.py``'s, built by its ``Setup`` (poolwatch's saturation sampler off:
 its once-a-second wake-ups would count by valgrind's slow clock), without the export step.
 Run: ``python bench/instructions.py --url http://127.0.0.1:PORT/`` against ``bench/server.py``
@@ -27,22 +28,30 @@ from client import Setup
 VARIANTS = ("bare", "poolwatch-prom", "poolwatch-prom-otel", "otel-httpx")
 
 
-def client(family: str, variant: str, url: str, requests: int) -> None:
+def client(family: str, variant: str, url: str, requests: int, concurrency: int = 1) -> None:
     async def main() -> None:
-        setup = Setup(variant, family, 1, saturation_threshold=None)
-        async with setup.client as c:
-            for _ in range(requests):
+        setup = Setup(variant, family, concurrency, saturation_threshold=None)
+        left = requests
+
+        async def worker() -> None:
+            nonlocal left
+            while left > 0:
+                left -= 1
                 (await c.get(url)).raise_for_status()
+
+        async with setup.client as c:
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
 
     asyncio.run(main())
 
 
-def count(family: str, variant: str, url: str, requests: int) -> int:
+def count(family: str, variant: str, url: str, requests: int, concurrency: int = 1) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "callgrind.out"
         cmd = [
             "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
             sys.executable, __file__, "--client", family, variant, url, str(requests),
+            "--concurrency", str(concurrency),
         ]  # fmt: skip
         result = subprocess.run(cmd, capture_output=True, text=True, check=True)
         found = re.search(r"Collected : (\d+)", result.stderr)
@@ -55,13 +64,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", help="bench/server.py's URL (required unless --client)")
     parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="workers sharing the requests, and the pool's limit (default 1)",
+    )
     parser.add_argument("--family", choices=("httpx", "httpx2"), action="append")
     parser.add_argument("--variant", choices=VARIANTS, action="append")
     parser.add_argument("--client", nargs=4, metavar=("FAMILY", "VARIANT", "URL", "N"))
     args = parser.parse_args()
     if args.client:
         family, variant, url, n = args.client
-        client(family, variant, url, int(n))
+        client(family, variant, url, int(n), args.concurrency)
         return
     if not args.url:
         parser.error("--url is required")
@@ -73,14 +88,14 @@ def main() -> None:
     for family in args.family or ("httpx", "httpx2"):
         per_request = {}
         for variant in variants:
-            small = count(family, variant, args.url, n)
-            large = count(family, variant, args.url, 3 * n)
+            small = count(family, variant, args.url, n, args.concurrency)
+            large = count(family, variant, args.url, 3 * n, args.concurrency)
             per_request[variant] = (large - small) / (2 * n)
         bare = per_request["bare"]
         otel_httpx = per_request.get("otel-httpx")
         for variant, instructions in per_request.items():
             row = {
-                "family": family, "variant": variant,
+                "family": family, "concurrency": args.concurrency, "variant": variant,
                 "instructions_per_request": round(instructions),
                 "ratio_vs_bare": round(instructions / bare, 4),
             }  # fmt: skip
@@ -91,13 +106,15 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(
-        "\n| family | variant | instructions / request | ratio vs bare | overhead / otel-httpx's |"
+        "\n| family | C | variant | instructions / request | ratio vs bare "
+        "| overhead / otel-httpx's |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         q = r.get("overhead_vs_otel_httpx")
         print(
-            f"| {r['family']} | {r['variant']} | {r['instructions_per_request']:,} "
+            f"| {r['family']} | {r['concurrency']} | {r['variant']} "
+            f"| {r['instructions_per_request']:,} "
             f"| {r['ratio_vs_bare']:.3f} | {'' if q is None else f'{q:.2f}'} |"
         )
 
