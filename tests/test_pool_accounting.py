@@ -5,6 +5,7 @@ trio."""
 from __future__ import annotations
 
 import gc
+import select
 import socket
 import ssl
 import threading
@@ -542,6 +543,37 @@ async def test_a_client_at_rest_is_read_again_once_the_server_closes_an_idle_con
         assert after.idle_connections == 0
         assert httpcore_view(client).idle == 1  # httpcore has not noticed yet
         assert poolwatch.snapshot(client) is after
+
+
+@pytest.mark.anyio
+async def test_an_idle_tls_connection_the_server_closed_is_no_longer_counted_as_idle(
+    hx: Any,
+    loopback_server_factory: Any,
+    server_ssl_context_factory: Any,
+    client_ssl_context: ssl.SSLContext,
+) -> None:
+    # Under TLS the socket poolwatch polls sits two wrappers deep (httpcore's stream, anyio's
+    # TLS stream): the server's close_notify and FIN must still show on it.
+    server: LoopbackServer = loopback_server_factory(
+        tls=server_ssl_context_factory(("http/1.1",)), idle_timeout=0.3
+    )
+    async with hx.AsyncClient(verify=client_ssl_context) as client:
+        poolwatch.instrument(client, name="tls-server-closes")
+        await client.get(f"{server.url}/ok")
+        before = poolwatch.snapshot(client)
+        assert before.idle_connections == 1 == httpcore_view(client).idle
+        (conn,) = client._transport._pool.connections
+        sock = conn._connection._network_stream.get_extra_info("socket")
+
+        def readable() -> bool:  # the socket's own word: the server sent close_notify
+            return bool(select.select([sock], [], [], 0)[0])
+
+        assert not readable()
+        assert poolwatch.snapshot(client) is before
+        await await_until(readable, what="the server's close")
+        after = poolwatch.snapshot(client)
+        assert after.idle_connections == 0
+        assert httpcore_view(client).idle == 1  # httpcore has not noticed yet
 
 
 @pytest.mark.anyio
