@@ -324,7 +324,9 @@ class PoolCore:
         if self.deferred:
             self.run_deferred()
         rec = RequestRecord(origin, self.clock())
-        with self._lock:
+        lock = self._lock
+        lock.acquire()  # not `with`: ~190 ns against ~480 (four times per request)
+        try:
             if pending:
                 self.pending += 1
             else:
@@ -335,6 +337,8 @@ class PoolCore:
             self.changes += 1
             origin.active_requests += 1
             self._inflight[id(rec)] = rec
+        finally:
+            lock.release()
         return rec
 
     def acquire(self, rec: RequestRecord, conn: ConnRecord, end_queue: bool) -> None:
@@ -345,7 +349,9 @@ class PoolCore:
         or for a stream slot inside the connection.
         """
         now = self.clock()
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             rec.conn = conn
             conn.inflight += 1
             if end_queue and rec.pending:
@@ -354,6 +360,8 @@ class PoolCore:
                 rec.t_queue_end = now
                 if conn.connected:
                     rec.t_ready = now
+        finally:
+            lock.release()
 
     def requeue(self, rec: RequestRecord) -> None:
         """httpcore gave the connection to another request first; back to the queue."""
@@ -415,7 +423,9 @@ class PoolCore:
         ``leak_ref``: see ``watch_for_leak()`` (taken here to save a lock round).
         """
         now = self.clock()
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             if not rec.done:
                 if leak_ref is not None:
                     self._leak_watch[id(rec)] = leak_ref
@@ -443,6 +453,8 @@ class PoolCore:
                     conn.http_version = http_version
                     if http_version != "2":
                         conn.maybe_h2 = False
+        finally:
+            lock.release()
 
     def call_failed(self, rec: RequestRecord) -> None:
         """The connection call raised after ``acquire()``."""
@@ -475,7 +487,9 @@ class PoolCore:
         Returns False when it was already finished (finishing is idempotent).
         """
         now = self.clock()
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             if rec.done:
                 return False
             rec.done = True
@@ -506,6 +520,8 @@ class PoolCore:
             if pool_timeout:
                 origin.timeouts += 1
             return True
+        finally:
+            lock.release()
 
     def _fold(self) -> None:
         """Sort every histogram's waiting values into buckets (caller holds the lock).
