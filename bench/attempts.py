@@ -25,7 +25,7 @@ import logging
 import time
 from typing import Any
 
-from client import Setup  # also puts the working tree's poolwatch first on the path
+from client import Driver, Setup  # also puts the working tree's poolwatch first on the path
 
 _COUNTERS: dict[str, list[int]] = {}
 
@@ -55,28 +55,21 @@ async def _run(
     base = variant.removesuffix("-httpx2")
     setup = Setup(base, family, concurrency, saturation_threshold=None)
     passes = _count_passes(family)
-    left = [0]
-
-    async def batch(n: int) -> None:
-        left[0] = n
-
-        async def worker() -> None:
-            while left[0] > 0:
-                left[0] -= 1
-                (await setup.client.get(url)).raise_for_status()
-
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-
+    driver = Driver(setup.client, url, concurrency)
     async with setup.client:
-        until = time.monotonic() + warmup  # past httpcore's 5 s keep-alive expiry
-        while time.monotonic() < until:
-            await batch(500)
+        await driver.warm_up(1000, warmup)  # past httpcore's 5 s keep-alive expiry
         gc.collect()
         passes[0] = 0
         cpu = time.process_time()
-        await batch(requests)
+        await driver.timed(requests)
         cpu = time.process_time() - cpu
         connections = len(setup.pool.connections)
+    if driver.errors:
+        raise RuntimeError(f"{variant}: failed requests {dict(driver.error_types)}")
+    if setup.log_counter is not None:  # one process runs every variant: detach it
+        logging.getLogger("poolwatch").removeHandler(setup.log_counter)
+        if setup.log_counter.counts.get("ERROR"):
+            raise RuntimeError(f"{variant}: poolwatch logged {setup.log_counter.first}")
     return {
         "family": family,
         "variant": variant,
