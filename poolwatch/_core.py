@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, cast
 
 from ._catalogue import (
     CONNECT_TIME,
@@ -32,6 +32,7 @@ from ._catalogue import (
     TIME_TO_FIRST_BYTE,
     TLS_TIME,
 )
+from ._frozen import writable_twin
 from ._histogram import Histogram, HistogramSnapshot
 
 Clock = Callable[[], float]
@@ -57,6 +58,7 @@ class OriginStats:
         "errors",
         "http_versions",
         "port",
+        "read_versions",
         "requests_new",
         "requests_reused",
         "scheme",
@@ -76,6 +78,8 @@ class OriginStats:
         self.errors: dict[str, int] = {}
         #: Protocol versions seen on this origin ("1.1", "2"): which series exist.
         self.http_versions: set[str] = set()
+        #: ``http_versions`` as the last snapshot showed them, sorted (the set only grows).
+        self.read_versions: tuple[str, ...] = ()
         self.time_in_queue = Histogram(TIME_IN_QUEUE.buckets)
         self.connection_duration = Histogram(CONNECTION_DURATION.buckets)
 
@@ -189,9 +193,12 @@ class OriginSnapshot:
     connection_duration: HistogramSnapshot
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CoreSnapshot:
-    """The core's own counters at one instant (the shells add the pools' connection state)."""
+    """The core's own counters at one instant (the shells add the pools' connection state).
+
+    Read by the watch alone, never handed out: not frozen, so built at a third of the cost.
+    """
 
     pending_requests: int
     active_requests: int
@@ -632,21 +639,28 @@ class PoolCore:
 
 
 def _snapshot_origin(o: OriginStats) -> OriginSnapshot:
-    return OriginSnapshot(
-        scheme=o.scheme,
-        address=o.address,
-        port=o.port,
-        active_requests=o.active_requests,
-        requests_new=o.requests_new,
-        requests_reused=o.requests_reused,
-        connections_created=o.connections_created,
-        timeouts=o.timeouts,
-        errors=MappingProxyType(dict(o.errors)),
-        http_versions=tuple(sorted(o.http_versions)),
-        time_in_queue=o.time_in_queue.snapshot(),
-        connection_duration=o.connection_duration.snapshot(),
-    )
+    versions = o.read_versions
+    if len(versions) != len(o.http_versions):
+        versions = o.read_versions = tuple(sorted(o.http_versions))
+    s = _WritableOriginSnapshot()  # an OriginSnapshot at a third of the cost (``_frozen``)
+    s.scheme = o.scheme
+    s.address = o.address
+    s.port = o.port
+    s.active_requests = o.active_requests
+    s.requests_new = o.requests_new
+    s.requests_reused = o.requests_reused
+    s.connections_created = o.connections_created
+    s.timeouts = o.timeouts
+    s.errors = MappingProxyType(dict(o.errors)) if o.errors else NO_ERRORS
+    s.http_versions = versions
+    s.time_in_queue = o.time_in_queue.snapshot()
+    s.connection_duration = o.connection_duration.snapshot()
+    s.__class__ = OriginSnapshot
+    return cast(OriginSnapshot, s)
 
+
+_WritableOriginSnapshot = writable_twin(OriginSnapshot)
+NO_ERRORS: Mapping[str, int] = MappingProxyType({})
 
 #: Waiting histogram values that make ``finish()`` fold them (bounds memory between reads).
 _FOLD_AT = 1024

@@ -5,6 +5,9 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
+
+from ._frozen import writable_twin
 
 
 class Histogram:
@@ -46,7 +49,7 @@ class Histogram:
         self.fold()
         last = self._last
         if last is None or last.count != self.count:
-            last = self._last = HistogramSnapshot(
+            last = self._last = new_histogram_snapshot(
                 self.bounds, tuple(self.counts), self.count, self.sum
             )
         return last
@@ -86,3 +89,19 @@ class HistogramSnapshot:
             running += c
             lower = upper
         return lower
+
+
+_WritableHistogramSnapshot = writable_twin(HistogramSnapshot)
+
+
+def new_histogram_snapshot(
+    bounds: tuple[float, ...], counts: tuple[int, ...], count: int, sum: float
+) -> HistogramSnapshot:
+    """``HistogramSnapshot(bounds, counts, count, sum)`` at a third of the cost (``_frozen``)."""
+    s = _WritableHistogramSnapshot()
+    s.bounds = bounds
+    s.counts = counts
+    s.count = count
+    s.sum = sum
+    s.__class__ = HistogramSnapshot
+    return cast(HistogramSnapshot, s)

@@ -253,13 +253,11 @@ class IdleSockets:
 
     def __init__(self, idle: list[tuple[Any, str]]) -> None:
         now = time.monotonic()
-        self._by_fd: dict[int, int] = {}
-        self._no_socket: list[Any] = []
-        #: The polled sockets' own ``fileno``, in the order of ``_by_fd``.
-        self._filenos: list[Callable[[], int]] = []
-        #: The earliest keep-alive expiry among the polled ones: past it, they are not all
-        #: to be judged any more.
-        self._valid_until = math.inf
+        # Locals throughout: a scrape of 100 busy pools walks ~1,000 connections here.
+        by_fd: dict[int, int] = {}
+        no_socket: list[Any] = []
+        filenos: list[Callable[[], int]] = []
+        valid_until = math.inf
         for conn, version in idle:
             if version == "2":
                 continue
@@ -270,20 +268,27 @@ class IdleSockets:
             if expire_at is not None:
                 if now > expire_at:
                     continue
-                self._valid_until = min(self._valid_until, expire_at)
-            fileno = _fileno_of(inner)
+                valid_until = min(valid_until, expire_at)
+            fileno = getattr(inner, "__dict__", _NO_ATTRS).get(_FILENO) or _fileno_of(inner)
             if fileno is None:  # no socket to poll: httpcore's own check
-                self._no_socket.append(conn)
+                no_socket.append(conn)
                 continue
             fd = fileno()
             if fd >= 0:
-                self._by_fd[fd] = id(conn)
-                self._filenos.append(fileno)
+                by_fd[fd] = id(conn)
+                filenos.append(fileno)
+        self._by_fd = by_fd
+        self._no_socket = no_socket
+        #: The polled sockets' own ``fileno``, in the order of ``_by_fd``.
+        self._filenos = filenos
+        #: The earliest keep-alive expiry among the polled ones: past it, they are not all
+        #: to be judged any more.
+        self._valid_until = valid_until
         #: What the filenos returned (each turns -1 once its socket is closed).
-        self._fds = list(self._by_fd)
+        self._fds = list(by_fd)
         #: The ids of the connections polled.
-        self.polled = set(self._by_fd.values())
-        self._poller = _poller(self._by_fd)
+        self.polled = set(by_fd.values())
+        self._poller = _poller(by_fd)
         self._lock = threading.Lock()
 
     def expired(self) -> bool:
@@ -319,6 +324,7 @@ def _poller(fds: dict[int, int]) -> Callable[[], list[int]]:
 
 #: Where the socket's ``fileno`` is kept on httpcore's inner connection, once looked up.
 _FILENO = "_poolwatch_fileno"
+_NO_ATTRS: dict[str, Any] = {}
 
 
 def _fileno_of(inner: Any) -> Callable[[], int] | None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import cast
 
 from ._core import OriginSnapshot
+from ._frozen import writable_twin
 from ._histogram import HistogramSnapshot
 
 #: The default of a histogram field: nothing observed (one +Inf bucket).
@@ -66,3 +68,63 @@ class PoolSnapshot:
     tls_time: HistogramSnapshot = NO_OBSERVATIONS
     time_to_first_byte: HistogramSnapshot = NO_OBSERVATIONS
     request_duration: HistogramSnapshot = NO_OBSERVATIONS
+
+
+_WritablePoolSnapshot = writable_twin(PoolSnapshot)
+
+
+def new_pool_snapshot(
+    *,
+    name: str,
+    max_connections: int | None,
+    active_connections: int,
+    idle_connections: int,
+    pending_requests: int,
+    active_requests: int,
+    utilization: float,
+    requests_total: int,
+    reused_requests_total: int,
+    connections_created_total: int,
+    pool_timeouts_total: int,
+    leaked_responses_total: int,
+    reuse_ratio: float | None,
+    connecting_connections: int,
+    pending_max_age: float,
+    active_max_age: float,
+    errors: Mapping[str, int],
+    connections: tuple[ConnectionGroup, ...],
+    origins: tuple[OriginSnapshot, ...],
+    unreadable_pools: int,
+    connect_time: HistogramSnapshot,
+    tls_time: HistogramSnapshot,
+    time_to_first_byte: HistogramSnapshot,
+    request_duration: HistogramSnapshot,
+) -> PoolSnapshot:
+    """``PoolSnapshot(...)`` with every field given, at a third of the cost (``_frozen``)."""
+    s = _WritablePoolSnapshot()
+    s.name = name
+    s.max_connections = max_connections
+    s.active_connections = active_connections
+    s.idle_connections = idle_connections
+    s.pending_requests = pending_requests
+    s.active_requests = active_requests
+    s.utilization = utilization
+    s.requests_total = requests_total
+    s.reused_requests_total = reused_requests_total
+    s.connections_created_total = connections_created_total
+    s.pool_timeouts_total = pool_timeouts_total
+    s.leaked_responses_total = leaked_responses_total
+    s.reuse_ratio = reuse_ratio
+    s.connecting_connections = connecting_connections
+    s.pending_max_age = pending_max_age
+    s.active_max_age = active_max_age
+    s.errors = errors
+    s.connections = connections
+    s.origins = origins
+    s.unreadable_pools = unreadable_pools
+    s.connect_time = connect_time
+    s.tls_time = tls_time
+    s.time_to_first_byte = time_to_first_byte
+    s.request_duration = request_duration
+    s.__class__ = PoolSnapshot
+    return cast(PoolSnapshot, s)

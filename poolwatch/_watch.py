@@ -8,11 +8,11 @@ from types import MappingProxyType
 from typing import Any
 
 from . import _httpcore, _shells
-from ._core import OriginStats, PoolCore
+from ._core import NO_ERRORS, OriginStats, PoolCore
 from ._httpcore import Flavour
 from ._safety import report_internal_error
 from ._saturation import SaturationCallback, SaturationMonitor
-from ._snapshot import ConnectionGroup, PoolSnapshot
+from ._snapshot import ConnectionGroup, PoolSnapshot, new_pool_snapshot
 
 
 class _PoolPatch:
@@ -323,7 +323,7 @@ class ClientWatch:
             timeouts += o.timeouts
             for error_type, n in o.errors.items():
                 errors[error_type] = errors.get(error_type, 0) + n
-        snap = PoolSnapshot(
+        snap = new_pool_snapshot(
             name=self.name,
             max_connections=limit,
             active_connections=active,
@@ -340,7 +340,7 @@ class ClientWatch:
             connecting_connections=by_state["connecting"],
             pending_max_age=s.pending_max_age,
             active_max_age=s.active_max_age,
-            errors=MappingProxyType(errors),
+            errors=MappingProxyType(errors) if errors else NO_ERRORS,
             connections=self._connection_groups(groups),
             origins=s.origins,
             unreadable_pools=unreadable,
