@@ -51,13 +51,21 @@ class Exposition:
         self._pools: dict[str, _PoolText] = {}
         self._lock = threading.Lock()  # scrapes may run in parallel server threads
 
-    def render(self, snapshots: Iterable[PoolSnapshot], *, openmetrics: bool = False) -> str:
-        """The pools as exposition text (without OpenMetrics' ``# EOF``).
+    def render(
+        self,
+        snapshots: Iterable[PoolSnapshot],
+        *,
+        openmetrics: bool = False,
+        before: bytes = b"",
+        after: bytes = b"",
+    ) -> bytes:
+        """The pools as exposition text, UTF-8, between ``before`` and ``after`` (the rest of
+        the registry, and OpenMetrics' ``# EOF``): the page's bytes are copied once, here.
 
         A pool that fails to render is left out (and logged once), never the others.
         """
         with self._lock:
-            parts: list[list[str]] = [[] for _ in CATALOGUE]
+            parts: list[list[bytes]] = [[] for _ in CATALOGUE]
             previous, current = self._pools, {}
             for snap in snapshots:
                 pool = previous.get(snap.name) or _PoolText()
@@ -67,20 +75,21 @@ class Exposition:
                     report_internal_error("prometheus render", exc)
                     continue
                 current[snap.name] = pool  # pools gone since the last scrape are forgotten
-                for family, text in fragments:
-                    parts[family].append(text)
+                for family, pieces in fragments:
+                    parts[family].extend(pieces)
             self._pools = current
-        out: list[str] = []
+        out = [before]
         for spec, pieces in zip(CATALOGUE, parts, strict=True):
             out.append(_HEADERS[spec][openmetrics])
             out.extend(pieces)
-        return "".join(out)
+        out.append(after)
+        return b"".join(out)
 
 
 class _PoolText:
     """One pool's series, and its text per family as of its last snapshot."""
 
-    __slots__ = ("errors", "last", "open_connections", "origins", "pool", "text")
+    __slots__ = ("errors", "joined", "last", "open_connections", "origins", "pool", "text")
 
     def __init__(self) -> None:
         #: The pool-wide series, by metric.
@@ -90,15 +99,19 @@ class _PoolText:
         #: Each origin's ``ORIGIN_SERIES``, in the table's order.
         self.origins: dict[tuple[str, int, str], list[_Series]] = {}
         #: The line prefix of each open-connections series.
-        self.open_connections: dict[OpenConnectionKey, str] = {}
+        self.open_connections: dict[OpenConnectionKey, bytes] = {}
         self.last: PoolSnapshot | None = None
-        self.text: list[tuple[int, str]] = []
+        self.text: list[tuple[int, list[bytes]]] = []
+        self.joined = False
 
-    def fragments(self, snap: PoolSnapshot) -> list[tuple[int, str]]:
-        """The pool's text as (family index, text), for the families it has series in."""
+    def fragments(self, snap: PoolSnapshot) -> list[tuple[int, list[bytes]]]:
+        """The pool's text as (family index, pieces), for the families it has series in."""
         if snap is self.last:
+            if not self.joined:  # at rest: one piece per family from now on
+                self.text = [(family, [b"".join(pieces)]) for family, pieces in self.text]
+                self.joined = True
             return self.text
-        by_family: list[list[str]] = [[] for _ in CATALOGUE]
+        by_family: list[list[bytes]] = [[] for _ in CATALOGUE]
         pool = self.pool
         for spec, labels, value in pool_samples(snap):
             one = pool.get(spec)
@@ -117,7 +130,9 @@ class _PoolText:
             # The per-origin bulk of the page: no lookup, one call for all values.
             for one, value in zip(row, origin_values(o), strict=True):
                 if type(value) is int:
-                    by_family[one.family].append(f"{one.prefix}{value}\n")
+                    by_family[one.family].append(one.prefix + b"%d\n" % value)
+                elif type(value) is HistogramSnapshot:
+                    by_family[one.family].extend(one.histogram(value))
                 else:
                     one.write(by_family, value)
             if o.errors:
@@ -134,11 +149,12 @@ class _PoolText:
             if prefix is None:
                 labels = open_connection_labels(snap.name, key)
                 prefix = prefixes[key] = _Series(OPEN_CONNECTIONS, labels).prefix
-            lines.append(f"{prefix}{n}\n")
+            lines.append(prefix + b"%d\n" % n)
         self._forget_what_is_gone(snap)
-        # Joined now, while the pieces are hot in the cache: a pool at rest is then one string
-        # per family on the next page.
-        self.text = [(family, "".join(pieces)) for family, pieces in enumerate(by_family) if pieces]
+        # Not joined: the page's join copies them once. Joined if the pool is still at rest
+        # on the next scrape.
+        self.text = [(family, pieces) for family, pieces in enumerate(by_family) if pieces]
+        self.joined = False
         self.last = snap
         return self.text
 
@@ -163,34 +179,34 @@ class _Series:
             for name, value in zip(spec.labels, values, strict=True)
         )
         name = spec.prometheus_name
-        self.prefix = f"{name}{{{labels}}} "
+        self.prefix = f"{name}{{{labels}}} ".encode()
         self.family = _FAMILY_INDEX[spec]  # its place in the catalogue (and on the page)
-        self.last: tuple[HistogramSnapshot, list[str]] | None = None
+        self.last: tuple[HistogramSnapshot, list[bytes]] | None = None
         if spec.kind == "histogram":
             sep = "," if labels else ""
             #: Every bucket's line up to its value, then the count's: the count is +Inf's.
             self.buckets = [
                 *(
-                    f'{name}_bucket{{{labels}{sep}le="{_le(bound)}"}} '
+                    f'{name}_bucket{{{labels}{sep}le="{_le(bound)}"}} '.encode()
                     for bound in (*spec.buckets, math.inf)
                 ),
-                f"{name}_count{{{labels}}} ",
+                f"{name}_count{{{labels}}} ".encode(),
             ]
-            self.sum_prefix = f"{name}_sum{{{labels}}} "
+            self.sum_prefix = f"{name}_sum{{{labels}}} ".encode()
         else:
             self.buckets = []
-            self.sum_prefix = ""
+            self.sum_prefix = b""
 
-    def write(self, by_family: list[list[str]], value: float | HistogramSnapshot) -> None:
+    def write(self, by_family: list[list[bytes]], value: float | HistogramSnapshot) -> None:
         """Add the series' text to its family's pieces."""
         if type(value) is int:
-            by_family[self.family].append(f"{self.prefix}{value}\n")
+            by_family[self.family].append(self.prefix + b"%d\n" % value)
         elif isinstance(value, HistogramSnapshot):
             by_family[self.family].extend(self.histogram(value))
         else:
-            by_family[self.family].append(f"{self.prefix}{_number(value)}\n")
+            by_family[self.family].append(self.prefix + _number(value) + b"\n")
 
-    def histogram(self, h: HistogramSnapshot) -> list[str]:
+    def histogram(self, h: HistogramSnapshot) -> list[bytes]:
         """The block's text, in pieces (the family's join writes them once)."""
         last = self.last
         if last is not None and (
@@ -201,32 +217,32 @@ class _Series:
         counts = h.counts
         total = h.count
         if counts[0] == total:  # one run: every observation in the first bucket, or none
-            value = f"{total}\n"
-            pieces = [value.join(buckets), f"{value}{self.sum_prefix}{_number(h.sum)}\n"]
+            value = b"%d\n" % total
+            pieces = [value.join(buckets), value, self.sum_prefix, _number(h.sum), b"\n"]
         else:
             # Cumulative counts change only after non-empty buckets: runs of equal values.
             pieces = []
             start = 0
             running = counts[0]
             for i in compress(range(1, len(counts)), counts[1:]):
-                value = f"{running}\n"
+                value = b"%d\n" % running
                 pieces.append(value.join(buckets[start:i]))
                 pieces.append(value)
                 start = i
                 running += counts[i]
-            value = f"{running}\n"
+            value = b"%d\n" % running
             pieces.append(value.join(buckets[start:]))  # the last run, +Inf and the count
-            pieces.append(f"{value}{self.sum_prefix}{_number(h.sum)}\n")
+            pieces += (value, self.sum_prefix, _number(h.sum), b"\n")
         self.last = (h, pieces)
         return pieces
 
 
-def _number(value: float) -> str:
+def _number(value: float) -> bytes:
     if type(value) is int:
-        return str(value)
+        return b"%d" % value
     if -math.inf < value < math.inf:
-        return repr(float(value))
-    return "NaN" if math.isnan(value) else ("+Inf" if value > 0 else "-Inf")
+        return repr(float(value)).encode()
+    return b"NaN" if math.isnan(value) else (b"+Inf" if value > 0 else b"-Inf")
 
 
 def _le(bound: float) -> str:
@@ -238,15 +254,15 @@ def _escape_label(value: str) -> str:
     return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
 
 
-def _headers(spec: MetricSpec) -> tuple[str, str]:
+def _headers(spec: MetricSpec) -> tuple[bytes, bytes]:
     """(text format, OpenMetrics) HELP and TYPE lines of one family."""
     text_help = spec.help.replace("\\", r"\\").replace("\n", r"\n")
     om_help = text_help.replace('"', r"\"")
     text_name = spec.prometheus_name
     om_name = spec.exposition_name  # counters: without ``_total`` in OpenMetrics
     return (
-        f"# HELP {text_name} {text_help}\n# TYPE {text_name} {spec.kind}\n",
-        f"# HELP {om_name} {om_help}\n# TYPE {om_name} {spec.kind}\n",
+        f"# HELP {text_name} {text_help}\n# TYPE {text_name} {spec.kind}\n".encode(),
+        f"# HELP {om_name} {om_help}\n# TYPE {om_name} {spec.kind}\n".encode(),
     )
 
 

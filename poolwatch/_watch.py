@@ -49,7 +49,7 @@ class _AtRest:
     poolwatch's own bookkeeping failed); the poll catches the server closing an idle one.
     """
 
-    __slots__ = ("changes", "dead", "snapshot", "sockets", "walked")
+    __slots__ = ("_unpolled", "changes", "dead", "snapshot", "sockets", "walked")
 
     def __init__(
         self,
@@ -60,12 +60,11 @@ class _AtRest:
         snapshot: PoolSnapshot,
     ) -> None:
         self.changes = changes  # the core's change count when it was read
-        #: Each pool's connections then, and the open ones among them whose socket is not
-        #: polled (HTTP/2, busy or connecting ones).
-        self.walked = [
-            (listed, [c for c in still_open if id(c) not in sockets.polled])
-            for listed, still_open in walked
-        ]
+        #: Each pool's connections then, and the open ones among them.
+        self.walked = walked
+        #: Per pool, the open ones whose socket is not polled (HTTP/2, busy or connecting
+        #: ones), found on the first check: a busy pool is never checked.
+        self._unpolled: list[list[Any]] | None = None
         self.sockets = sockets  # its idle connections' sockets, to ask again
         self.dead = dead  # those of them the server had closed
         self.snapshot = snapshot
@@ -74,10 +73,16 @@ class _AtRest:
         sockets = self.sockets
         if sockets.expired() or len(pools) != len(self.walked):
             return False
-        for p, (listed, unpolled) in zip(pools, self.walked, strict=True):
+        unpolled = self._unpolled
+        if unpolled is None:
+            polled = sockets.polled
+            unpolled = self._unpolled = [
+                [c for c in still_open if id(c) not in polled] for _, still_open in self.walked
+            ]
+        for p, (listed, _), conns in zip(pools, self.walked, unpolled, strict=True):
             if _httpcore.connections(p.pool) != listed:  # by identity: connections have no __eq__
                 return False
-            for conn in unpolled:  # the polled ones' sockets say it themselves, below
+            for conn in conns:  # the polled ones' sockets say it themselves, below
                 if conn.is_closed():
                     return False
         return not sockets.closed() and sockets.dead() == self.dead

@@ -195,20 +195,22 @@ def _render(registry: CollectorRegistry, accept: str) -> tuple[bytes, str]:
     if not isinstance(_enabled.get(registry), PoolCollector):
         return encoder(registry), content_type
     openmetrics = content_type.startswith("application/openmetrics-text")
-    try:
-        pools = _exposition.render(every_snapshot("prometheus collect"), openmetrics=openmetrics)
-    except Exception as exc:  # poolwatch's own writer failed: prometheus_client writes it all
-        report_internal_error("prometheus render", exc)
-        return encoder(registry), content_type
-    page = pools.encode()
     _writing_pools_natively.active = True
     try:
         rest = encoder(registry)
     finally:
         _writing_pools_natively.active = False
+    end = b""
     if openmetrics and rest.endswith(_OPENMETRICS_EOF):
-        return rest[: -len(_OPENMETRICS_EOF)] + page + _OPENMETRICS_EOF, content_type
-    return rest + page, content_type
+        rest, end = rest[: -len(_OPENMETRICS_EOF)], _OPENMETRICS_EOF
+    try:
+        page = _exposition.render(
+            every_snapshot("prometheus collect"), openmetrics=openmetrics, before=rest, after=end
+        )
+    except Exception as exc:  # poolwatch's own writer failed: prometheus_client writes it all
+        report_internal_error("prometheus render", exc)
+        return encoder(registry), content_type
+    return page, content_type
 
 
 _WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]

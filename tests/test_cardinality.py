@@ -212,7 +212,7 @@ def test_the_page_writer_keeps_no_text_for_origins_its_pools_no_longer_have() ->
             reused_requests_total=0, connections_created_total=0, pool_timeouts_total=0,
             leaked_responses_total=0, reuse_ratio=None, origins=origins,
         )  # fmt: skip
-        page = exposition.render([snap])
+        page = exposition.render([snap]).decode()
         addresses = {
             s.labels["server_address"]
             for family in text_string_to_metric_families(page)

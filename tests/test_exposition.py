@@ -264,7 +264,7 @@ def test_a_histogram_block_holds_the_cumulative_counts_whichever_buckets_are_fil
     header = f"# TYPE {TIME_IN_QUEUE.prometheus_name} histogram\n"
     for counts in shapes:
         h = HistogramSnapshot(bounds, tuple(counts), sum(counts), rng.random() * 10)
-        block = "".join(series.histogram(h))
+        block = b"".join(series.histogram(h)).decode()
         [family] = text_string_to_metric_families(header + block)
         got = {(s.name, s.labels.get("le")): s.value for s in family.samples}
         les = [*(repr(float(b)) for b in bounds), "+Inf"]
