@@ -14,7 +14,8 @@ is reused whole.
 Both formats prometheus_client speaks are written: the text format (0.0.4) and OpenMetrics 1.0
 (what Prometheus asks for first). They differ, for poolwatch's metrics, only in the family
 name of counters on the HELP and TYPE lines, the escaping of HELP, and the final ``# EOF``,
-which the caller appends after the rest of the registry.
+which the caller passes as what comes after the pools (the rest of the registry comes
+before them). The page is bytes, UTF-8, joined once from every piece.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class Exposition:
         snapshots: Iterable[PoolSnapshot],
         *,
         openmetrics: bool = False,
-        before: bytes = b"",
+        before: bytes | memoryview = b"",
         after: bytes = b"",
     ) -> bytes:
         """The pools as exposition text, UTF-8, between ``before`` and ``after`` (the rest of
@@ -78,7 +79,7 @@ class Exposition:
                 for family, pieces in fragments:
                     parts[family].extend(pieces)
             self._pools = current
-        out = [before]
+        out: list[bytes | memoryview] = [before]
         for spec, pieces in zip(CATALOGUE, parts, strict=True):
             out.append(_HEADERS[spec][openmetrics])
             out.extend(pieces)

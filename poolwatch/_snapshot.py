@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import cast
 
 from ._core import OriginSnapshot
-from ._frozen import writable_twin
+from ._frozen import TWINS, writable_twin
 from ._histogram import HistogramSnapshot
 
 #: The default of a histogram field: nothing observed (one +Inf bucket).
@@ -73,7 +73,7 @@ class PoolSnapshot:
 _WritablePoolSnapshot = writable_twin(PoolSnapshot)
 
 
-def new_pool_snapshot(
+def _built_from_twin(
     *,
     name: str,
     max_connections: int | None,
@@ -100,7 +100,6 @@ def new_pool_snapshot(
     time_to_first_byte: HistogramSnapshot,
     request_duration: HistogramSnapshot,
 ) -> PoolSnapshot:
-    """``PoolSnapshot(...)`` with every field given, at a third of the cost (``_frozen``)."""
     s = _WritablePoolSnapshot()
     s.name = name
     s.max_connections = max_connections
@@ -128,3 +127,7 @@ def new_pool_snapshot(
     s.request_duration = request_duration
     s.__class__ = PoolSnapshot
     return cast(PoolSnapshot, s)
+
+
+#: ``PoolSnapshot(...)`` with every field given by keyword, at a third of the cost (``_frozen``).
+new_pool_snapshot = _built_from_twin if TWINS else PoolSnapshot

@@ -200,15 +200,16 @@ def _render(registry: CollectorRegistry, accept: str) -> tuple[bytes, str]:
         rest = encoder(registry)
     finally:
         _writing_pools_natively.active = False
+    before: bytes | memoryview = rest
     end = b""
     if openmetrics and rest.endswith(_OPENMETRICS_EOF):
-        rest, end = rest[: -len(_OPENMETRICS_EOF)], _OPENMETRICS_EOF
+        before, end = memoryview(rest)[: -len(_OPENMETRICS_EOF)], _OPENMETRICS_EOF
     try:
         page = _exposition.render(
-            every_snapshot("prometheus collect"), openmetrics=openmetrics, before=rest, after=end
+            every_snapshot("prometheus collect"), openmetrics=openmetrics, before=before, after=end
         )
     except Exception as exc:  # poolwatch's own writer failed: prometheus_client writes it all
-        report_internal_error("prometheus render", exc)
+        report_internal_error("prometheus render", exc)  # (and collects the rest once more)
         return encoder(registry), content_type
     return page, content_type
 

@@ -167,22 +167,44 @@ def test_series_reused_from_the_last_scrape_are_rewritten_once_they_move(
     assert requests == [4, 5, 6]  # three /ok and the dropped one, then one more each time
 
 
+def test_a_pool_at_rest_gets_the_same_bytes_scrape_after_scrape_with_every_family_once(
+    hx: Any, loopback_server: LoopbackServer, registry: CollectorRegistry
+) -> None:
+    """The first scrape after traffic writes the pool's pieces, the next joins them, the
+    third reuses the joined text: one page, byte for byte, in both formats."""
+    with traffic(hx, loopback_server, "resting"):
+        for accept in ("", PROMETHEUS_ACCEPT):
+            pages = [poolwatch.prometheus._render(registry, accept)[0] for _ in range(3)]
+            assert pages[0] == pages[1] == pages[2]
+            names = family_names(pages[0])
+            assert len(names) == len(set(names))
+            assert pages[0].count(b"# EOF") == (1 if accept else 0)
+        assert samples_of(pages[0], openmetrics=True) == samples_of(
+            openmetrics_latest(registry), openmetrics=True
+        )
+
+
+@pytest.mark.parametrize("accept", ["", PROMETHEUS_ACCEPT], ids=["text", "openmetrics"])
 def test_when_poolwatch_cannot_write_the_pools_prometheus_client_writes_them_and_it_logs_once(
+    accept: str,
     hx: Any,
     loopback_server: LoopbackServer,
     registry: CollectorRegistry,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    def broken(*_args: Any, **_kwargs: Any) -> str:
+    def broken(*_args: Any, **_kwargs: Any) -> bytes:
         raise RuntimeError("cannot write")
 
+    openmetrics = bool(accept)
     monkeypatch.setattr(poolwatch.prometheus._exposition, "render", broken)
     with caplog.at_level(logging.INFO, logger="poolwatch"), traffic(hx, loopback_server, "x"):
-        pages = [poolwatch.prometheus.generate_latest(registry) for _ in range(2)]
-        expected = samples_of(generate_latest(registry))
-    assert all(samples_of(page) == expected for page in pages)
+        pages = [poolwatch.prometheus._render(registry, accept)[0] for _ in range(2)]
+        theirs = openmetrics_latest(registry) if openmetrics else generate_latest(registry)
+        expected = samples_of(theirs, openmetrics=openmetrics)
+    assert all(samples_of(page, openmetrics=openmetrics) == expected for page in pages)
     assert any(dict(labels).get("pool_name") == "x" for _n, labels in expected)
+    assert all(page.count(b"# EOF") == (1 if openmetrics else 0) for page in pages)
     assert_logged_once(caplog, "prometheus render")
 
 

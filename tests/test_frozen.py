@@ -113,3 +113,17 @@ def test_a_twin_is_refused_for_a_class_without_slots() -> None:
 
     with pytest.raises(TypeError, match="not a slots dataclass"):
         writable_twin(Plain)
+
+
+def test_a_twin_is_refused_for_a_dataclass_whose_slots_are_partly_inherited() -> None:
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Base:
+        x: int
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Derived(Base):
+        y: int
+
+    with pytest.raises(TypeError, match="not a slots dataclass of its own"):
+        writable_twin(Derived)
+    assert writable_twin(Base)().__class__ is not Base  # a fresh twin, not yet given the class
