@@ -611,16 +611,28 @@ class PoolCore:
 
     # -- reading ---------------------------------------------------------------------------
 
+    def waiting(self) -> tuple[int, float]:
+        """Requests waiting for a connection now, and how long the oldest has waited: what a
+        saturation check needs, without the histograms and origins of a ``snapshot()``."""
+        now = self.clock()
+        with self._lock:
+            return self.pending, self._ages(now)[0]
+
+    def _ages(self, now: float) -> tuple[float, float]:
+        """(oldest waiting request's age, oldest request in flight's age); lock held."""
+        pending_age = 0.0
+        active_age = 0.0
+        for rec in self._inflight.values():
+            age = now - rec.t_start
+            active_age = max(active_age, age)
+            if rec.pending:
+                pending_age = max(pending_age, age)
+        return pending_age, active_age
+
     def snapshot(self) -> CoreSnapshot:
         now = self.clock()
         with self._lock:
-            pending_age = 0.0
-            active_age = 0.0
-            for rec in self._inflight.values():
-                age = now - rec.t_start
-                active_age = max(active_age, age)
-                if rec.pending:
-                    pending_age = max(pending_age, age)
+            pending_age, active_age = self._ages(now)
             origins = list(self._origins.values())
             if self._overflow is not None:
                 origins.append(self._overflow)

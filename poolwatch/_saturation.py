@@ -7,8 +7,11 @@ to do; it repeats at most once per interval while the pool stays saturated, and 
 says when it recovered (utilization below the threshold minus the hysteresis, nobody
 waiting). The same moments reach ``on_saturation`` callbacks as ``SaturationEvent``s.
 
-``SaturationMonitor`` is pure (snapshot and time in, event out); a daemon thread samples
-every watched pool once a second, off the request path.
+``SaturationMonitor`` is pure (a reading and the time in, event out); a daemon thread samples
+every watched pool once a second, off the request path. The sampler's reading is a light one
+(``ClientWatch.pressure``: busy connections, the limit, the waiting requests), a fraction of
+a full snapshot's cost: a full read of a busy pool each second added up to ~1.5 % of a core
+for 100 busy pools.
 """
 
 from __future__ import annotations
@@ -17,10 +20,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple, Protocol
 
 from ._safety import logger, report_internal_error
-from ._snapshot import PoolSnapshot
 
 #: A request waiting this long means saturation whatever the utilization says.
 WAIT_THRESHOLD = 1.0
@@ -46,6 +48,35 @@ class SaturationEvent:
 
 
 SaturationCallback = Callable[[SaturationEvent], None]
+
+
+class Reading(Protocol):
+    """The figures a saturation check reads: a ``PoolSnapshot`` has them, and so has the
+    sampler's lighter ``Pressure``."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def max_connections(self) -> int | None: ...
+    @property
+    def active_connections(self) -> int: ...
+    @property
+    def utilization(self) -> float: ...
+    @property
+    def pending_requests(self) -> int: ...
+    @property
+    def pending_max_age(self) -> float: ...
+
+
+class Pressure(NamedTuple):
+    """A pool's ``Reading`` without the rest of a snapshot (``ClientWatch.pressure``)."""
+
+    name: str
+    max_connections: int | None
+    active_connections: int
+    utilization: float
+    pending_requests: int
+    pending_max_age: float
 
 
 class SaturationMonitor:
@@ -76,7 +107,7 @@ class SaturationMonitor:
     def saturated(self) -> bool:
         return self._since is not None
 
-    def evaluate(self, snap: PoolSnapshot, now: float) -> SaturationEvent | None:
+    def evaluate(self, snap: Reading, now: float) -> SaturationEvent | None:
         """The event this reading calls for, if any."""
         hot = snap.utilization >= self.threshold or snap.pending_max_age >= self.wait_threshold
         if self._since is None:
@@ -94,7 +125,7 @@ class SaturationMonitor:
         return _event("recovered", snap, lasted, self.threshold)
 
 
-def _figures(snap: PoolSnapshot) -> str:
+def _figures(snap: Reading) -> str:
     limit = "unlimited" if snap.max_connections is None else str(snap.max_connections)
     waiting = f"{snap.pending_requests} waiting"
     if snap.pending_requests:
@@ -104,7 +135,7 @@ def _figures(snap: PoolSnapshot) -> str:
 
 def _event(
     kind: Literal["saturated", "still_saturated", "recovered"],
-    snap: PoolSnapshot,
+    snap: Reading,
     lasted: float,
     threshold: float,
 ) -> SaturationEvent:
@@ -204,7 +235,7 @@ def check_all(now: float | None = None) -> None:
             monitor = watch.saturation
             if monitor is None:
                 continue
-            event = monitor.evaluate(watch.snapshot(), time.monotonic() if now is None else now)
+            event = monitor.evaluate(watch.pressure(), time.monotonic() if now is None else now)
             if event is not None:
                 emit(event, watch.on_saturation)
         except Exception as exc:

@@ -11,7 +11,7 @@ from . import _httpcore, _shells
 from ._core import NO_ERRORS, OriginStats, PoolCore
 from ._httpcore import Flavour
 from ._safety import report_internal_error
-from ._saturation import SaturationCallback, SaturationMonitor
+from ._saturation import Pressure, SaturationCallback, SaturationMonitor
 from ._snapshot import ConnectionGroup, PoolSnapshot, new_pool_snapshot
 
 
@@ -239,6 +239,35 @@ class ClientWatch:
         )
         self._last_groups = (groups, made)
         return made
+
+    def pressure(self) -> Pressure:
+        """Busy connections, the limit and the waiting requests: the saturation sampler's
+        reading each second, without the histograms, origins and idle-socket poll of a full
+        ``snapshot()``. Busy is what ``snapshot()`` counts as active."""
+        pending, pending_age = self.core.waiting()
+        conns = self.core.conns
+        active = 0
+        for p in self._pools:
+            try:
+                for conn in _httpcore.connections(p.pool):
+                    if conn.is_closed():
+                        continue
+                    record = conns.get(id(conn))
+                    if record is not None:
+                        active += record.inflight != 0  # as snapshot() tells idle
+                    elif _httpcore.connection_origin_key(conn) is not None:
+                        active += not _httpcore.is_connection_idle(conn)
+            except Exception as exc:  # that pool's connections are missing, as in snapshot()
+                report_internal_error("pool read", exc)
+        limit = self.max_connections()
+        return Pressure(
+            name=self.name,
+            max_connections=limit,
+            active_connections=active,
+            utilization=(active / limit) if limit else 0.0,
+            pending_requests=pending,
+            pending_max_age=pending_age,
+        )
 
     def snapshot(self) -> PoolSnapshot:
         """Read the pools and the core, and put them together.

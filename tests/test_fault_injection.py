@@ -405,6 +405,7 @@ def test_a_failing_snapshot_breaks_no_request_no_scrape_and_no_saturation_check(
     poolwatch.otel.enable(meter_provider, TracerProvider(), spans=False)
     without = run_async(hx, loopback_server, watched=False)
     monkeypatch.setattr(ClientWatch, "snapshot", _raise)
+    monkeypatch.setattr(ClientWatch, "pressure", _raise)  # the saturation sampler's reading
 
     scraped: list[bytes] = []
 

@@ -157,3 +157,28 @@ def test_the_sampler_thread_checks_every_pool_by_itself(
         saturation.sampler.wake()
     assert events[0].kind == "saturated"
     assert events[0].active_connections == 1
+
+
+@pytest.mark.anyio
+async def test_the_samplers_light_reading_agrees_with_a_full_snapshot_and_the_server(
+    hx: Any, loopback_server: LoopbackServer
+) -> None:
+    async with hx.AsyncClient(limits=hx.Limits(max_connections=2)) as client:
+        poolwatch.instrument(client, name="pressed")
+        [watch] = [w for w in poolwatch._api.watches() if w.name == "pressed"]
+        async with anyio.create_task_group() as tg:
+            for _ in range(5):
+                tg.start_soon(client.get, f"{loopback_server.url}/delay?s=0.5")
+            await await_until(lambda: loopback_server.stats.in_flight_requests == 2)
+            await anyio.sleep(0.05)  # the three others wait a little while
+            pressure, snap = watch.pressure(), watch.snapshot()
+        at_rest = watch.pressure()
+    figures = ("active_connections", "max_connections", "utilization", "pending_requests")
+    assert [getattr(pressure, f) for f in figures] == [getattr(snap, f) for f in figures]
+    assert (pressure.active_connections, pressure.pending_requests) == (2, 3)  # the server's 2
+    assert 0.05 <= pressure.pending_max_age <= snap.pending_max_age
+    assert (at_rest.active_connections, at_rest.pending_requests, at_rest.utilization) == (
+        0,
+        0,
+        0.0,
+    )
