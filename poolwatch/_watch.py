@@ -274,8 +274,8 @@ class ClientWatch:
 
         A client at rest is read once: while nothing is in flight and the core has not
         changed, the last snapshot is still true, once a poll shows the server closed none of
-        its idle connections since (scrapes, OTel collections and the saturation sampler all
-        read every pool, most of them quiet).
+        its idle connections since (scrapes and OTel collections read every pool, most of
+        them quiet; the saturation sampler takes the lighter ``pressure()``).
         """
         core = self.core
         if core.deferred:
