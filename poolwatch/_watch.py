@@ -244,8 +244,11 @@ class ClientWatch:
         """Busy connections, the limit and the waiting requests: the saturation sampler's
         reading each second, without the histograms, origins and idle-socket poll of a full
         ``snapshot()``. Busy is what ``snapshot()`` counts as active."""
-        pending, pending_age = self.core.waiting()
-        conns = self.core.conns
+        core = self.core
+        if core.deferred:  # a leak found while the lock was held: counted within a second
+            core.run_deferred()
+        pending, pending_age = core.waiting()
+        conns = core.conns
         active = 0
         for p in self._pools:
             try:
