@@ -20,14 +20,13 @@ render
     ``poolwatch.otel.enable()`` for the same pools.
     Unchanged, the pools are at rest: each snapshot is the last one again (after one poll of
     its idle sockets) and each pool's text is reused. Moved, the scrape reads every pool in
-    full again: the pools are instrumented without saturation warnings, so the saturation
-    sampler (which reads every pool once a second, and would leave a pool whose traffic
-    stopped before the scrape a fresh reading to reuse) takes no part of the read. That is
-    the worst case, a scrape while every pool is busy. Also the time gzip (level 1, what
-    poolwatch's server uses) takes on the page.
+    full again (the saturation sampler's reading each second is a light one that leaves no
+    snapshot to reuse): the worst case, as for a scrape while every pool is busy. Also the
+    time gzip (level 1, what poolwatch's server uses) takes on the page.
 snapshot
     ``poolwatch.snapshot(client)`` for one pool with 5 origins and 20 open connections: at
-    rest (the last reading reused) and with one request in flight (read in full).
+    rest (the last reading reused) and with one request in flight (read in full); and the
+    saturation sampler's lighter reading of the same busy pool.
 memory
     one instrumented client with Prometheus enabled (scraped every 10,000 requests, as a
     server would be) sends ``--requests`` requests round-robin over the 5 origins; tracemalloc
@@ -119,8 +118,7 @@ async def part_render(args: argparse.Namespace) -> dict[str, Any]:
     clients = []
     for i in range(args.pools):
         client = _client(args.family, 10)
-        # No saturation sampler: the scrape alone reads the moved pools (see the docstring).
-        poolwatch.instrument(client, name=f"pool-{i:03d}", saturation_threshold=None)
+        poolwatch.instrument(client, name=f"pool-{i:03d}")
         clients.append(client)
 
     async def traffic(per_origin: int) -> None:
@@ -234,10 +232,12 @@ async def part_snapshot(args: argparse.Namespace) -> dict[str, Any]:
 
     import poolwatch  # noqa: PLC0415
     import poolwatch.prometheus  # noqa: PLC0415
+    from poolwatch._api import watches  # noqa: PLC0415
 
     urls = _urls(args.port)
     client = _client(args.family, 20)
     poolwatch.instrument(client, name="snapshot")
+    [watch] = [w for w in watches() if w.name == "snapshot"]
     # 20 requests at once, 4 per origin, on an empty pool: 20 connections.
     for _ in range(3):
         await asyncio.gather(*(_get(client, url) for url in urls for _ in range(4)))
@@ -255,6 +255,10 @@ async def part_snapshot(args: argparse.Namespace) -> dict[str, Any]:
             for t in timeit.repeat(lambda: poolwatch.snapshot(client), number=number, repeat=7)
         ]
         busy_snap = poolwatch.snapshot(client)
+        # The saturation sampler's reading of the same busy pool, each second.
+        pressure = [
+            t / number * 1e6 for t in timeit.repeat(watch.pressure, number=number, repeat=7)
+        ]
         await held.aread()
     if busy_snap.active_requests != 1:
         raise RuntimeError(f"expected one request in flight, saw {busy_snap.active_requests}")
@@ -276,6 +280,7 @@ async def part_snapshot(args: argparse.Namespace) -> dict[str, Any]:
         "requests": snap.requests_total,
         "snapshot_us": _stats(per_call),
         "snapshot_busy_us": _stats(busy),
+        "pressure_busy_us": _stats(pressure),
         "render_one_pool_ms": _stats(render),
         "calls_per_repeat": number,
     }
@@ -486,7 +491,7 @@ def _render_part(results: list[dict[str, Any]]) -> list[str]:
             "`poolwatch.prometheus.generate_latest()` (what poolwatch's `start_http_server` "
             "serves) after nothing moved and after traffic to every origin of every pool "
             "(every per-origin series moved, connections closed and opened; every pool read "
-            "in full by the scrape, none by the saturation sampler), against "
+            "in full by the scrape), against "
             "prometheus_client's `generate_latest()` of the same registry (poolwatch's collector "
             "read, prometheus_client formatting)."
         )
@@ -527,19 +532,22 @@ def _snapshot_part(results: list[dict[str, Any]]) -> list[str]:
         out.append("")
         out.append(
             "At rest, a snapshot is the last one again once a poll shows no idle socket closed "
-            "by the server; with a request in flight, each call reads the pool in full."
+            "by the server; with a request in flight, each call reads the pool in full. The "
+            "saturation sampler's reading (`ClientWatch.pressure()`, once a second per pool: "
+            "busy connections, the limit, the waiting requests) of the same busy pool."
         )
         out.append("")
         out.append(
             "| family | origins | open conns | µs per call, at rest | µs per call, one request "
-            "in flight | one pool's `/metrics` render ms, at rest |"
+            "in flight | sampler's reading µs, one request in flight "
+            "| one pool's `/metrics` render ms, at rest |"
         )
-        out.append("|---|---|---|---|---|---|")
+        out.append("|---|---|---|---|---|---|---|")
         for r in snaps:
             out.append(
                 f"| {r['family']} | {r['origins']} | {r['open_connections']} "
                 f"| {_mr(r['snapshot_us'], '.1f')} | {_mr(r['snapshot_busy_us'], '.1f')} "
-                f"| {_mr(r['render_one_pool_ms'], '.2f')} |"
+                f"| {_mr(r['pressure_busy_us'], '.1f')} | {_mr(r['render_one_pool_ms'], '.2f')} |"
             )
         out.append("")
         out.append(

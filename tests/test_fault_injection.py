@@ -5,7 +5,8 @@ exception class), while each failing site is logged exactly once on the ``poolwa
 
 The sites: every step of ``PoolCore`` (``start``, ``acquire``, ``requeue``,
 ``on_trace_event``, ``headers``, ``call_failed``, ``finish``, ``leaked``, ``connection_closed``),
-``ClientWatch.snapshot`` (read by every exporter and the saturation sampler), the Prometheus
+``ClientWatch.snapshot`` (read by every exporter) and ``ClientWatch.pressure`` (the saturation
+sampler's reading), the Prometheus
 collector's ``samples()``, the OpenTelemetry exporter's per-request hooks and metric
 callbacks (SDK in-memory providers), and the saturation check and its callback.
 
