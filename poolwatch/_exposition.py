@@ -132,8 +132,6 @@ class _PoolText:
             for one, value in zip(row, origin_values(o), strict=True):
                 if type(value) is int:
                     by_family[one.family].append(one.prefix + b"%d\n" % value)
-                elif type(value) is HistogramSnapshot:
-                    by_family[one.family].extend(one.histogram(value))
                 else:
                     one.write(by_family, value)
             if o.errors:

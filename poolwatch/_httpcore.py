@@ -269,7 +269,7 @@ class IdleSockets:
                 if now > expire_at:
                     continue
                 valid_until = min(valid_until, expire_at)
-            fileno = getattr(inner, "__dict__", _NO_ATTRS).get(_FILENO) or _fileno_of(inner)
+            fileno = _fileno_of(inner)
             if fileno is None:  # no socket to poll: httpcore's own check
                 no_socket.append(conn)
                 continue
@@ -324,7 +324,6 @@ def _poller(fds: dict[int, int]) -> Callable[[], list[int]]:
 
 #: Where the socket's ``fileno`` is kept on httpcore's inner connection, once looked up.
 _FILENO = "_poolwatch_fileno"
-_NO_ATTRS: dict[str, Any] = {}
 
 
 def _fileno_of(inner: Any) -> Callable[[], int] | None:
