@@ -147,13 +147,25 @@ def _children_cpu() -> float:
 # -- the server ----------------------------------------------------------------------------
 
 
+def pinning(enabled: bool) -> tuple[set[int], set[int]] | None:
+    """(server's cores, clients' cores) with ``--pin``: the server on the last usable core, the
+    client on the others, so neither process is migrated onto the other's core (and its
+    caches) between rounds. ``None`` without ``--pin`` or with fewer than two cores."""
+    cores = sorted(os.sched_getaffinity(0))
+    if not enabled or len(cores) < 2:
+        return None
+    return {cores[-1]}, set(cores[:-1])
+
+
 class Server:
-    def __init__(self) -> None:
+    def __init__(self, cores: set[int] | None = None) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, os.path.join(HERE, "server.py")],
             stdout=subprocess.PIPE,
             text=True,
         )
+        if cores is not None:  # before it starts serving: it prints its port once listening
+            os.sched_setaffinity(self.proc.pid, cores)
         assert self.proc.stdout is not None
         self.port = int(self.proc.stdout.readline())
         self.info = json.loads(self.proc.stdout.readline())
@@ -189,6 +201,7 @@ def run_one(
     warmup_requests: int,
     warmup_seconds: float,
     timeout: float,
+    cores: set[int] | None = None,
 ) -> dict[str, Any]:
     cmd = [
         sys.executable,
@@ -212,8 +225,18 @@ def run_one(
     children0 = _children_cpu()
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-        stdout, stderr, code = proc.stdout, proc.stderr, proc.returncode
+        with subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        ) as proc:
+            if cores is not None:  # at once: its threads, started later, inherit it
+                os.sched_setaffinity(proc.pid, cores)
+            try:
+                stdout, stderr = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+                raise
+            code = proc.returncode
     except subprocess.TimeoutExpired as exc:
         stdout = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
         stderr = f"timed out after {timeout} s"
@@ -395,6 +418,15 @@ def render(meta: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     out.append(
         f"| event loops | client: asyncio; server: {meta['server']['loop']} "
         "(raw asyncio.Protocol, own process) |"
+    )
+    pinned = meta.get("pinned")
+    out.append(
+        "| cores | "
+        + (
+            f"server pinned to {pinned['server']}, clients to {pinned['client']} (`--pin`) |"
+            if pinned
+            else "not pinned: the scheduler places both processes |"
+        )
     )
     out.append(
         "| sniffio importable | "
@@ -608,6 +640,11 @@ def main() -> None:
     )
     parser.add_argument("--timeout", type=float, default=900, help="per client process, s")
     parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="pin the server to the last core and each client to the others",
+    )
+    parser.add_argument(
         "--no-micro",
         action="store_true",
         help="skip bench/micro.py, which a full run (not --quick) runs after the matrix",
@@ -652,7 +689,11 @@ def main() -> None:
         "warmup_requests": warm_requests,
         "warmup_seconds": warm_seconds,
         "machine": machine_facts(),
+        "pinned": None,
     }
+    pins = pinning(args.pin)
+    if pins is not None:
+        meta["pinned"] = {"server": sorted(pins[0]), "client": sorted(pins[1])}
     if not meta["machine"]["packages"].get("sniffio"):
         print(
             "WARNING: sniffio is not importable: bare httpx pays ~+280 µs/request "
@@ -672,7 +713,8 @@ def main() -> None:
         file=sys.stderr,
     )
 
-    server = Server()
+    server = Server(None if pins is None else pins[0])
+    client_cores = None if pins is None else pins[1]
     meta["server"] = server.info
     runs: list[dict[str, Any]] = []
     total = rounds * len(concurrencies) * len(variants)
@@ -681,10 +723,17 @@ def main() -> None:
         with open(jsonl_path, "w") as jsonl:
             jsonl.write(json.dumps(meta) + "\n")
             # One untimed run first: disk caches, .pyc files, the server's first connections.
-            run_one(server, variants[0], 1, 200, 100, 0.0, args.timeout)
+            run_one(server, variants[0], 1, 200, 100, 0.0, args.timeout, client_cores)
             for i, (r, position, c, variant) in enumerate(plan(variants, concurrencies, rounds)):
                 result = run_one(
-                    server, variant, c, requests[c], warm_requests, warm_seconds, args.timeout
+                    server,
+                    variant,
+                    c,
+                    requests[c],
+                    warm_requests,
+                    warm_seconds,
+                    args.timeout,
+                    client_cores,
                 )
                 result["round"] = r
                 result["position"] = position

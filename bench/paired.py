@@ -1,0 +1,299 @@
+"""poolwatch's CPU cost per request, paired within one process: the sharpest figure here.
+
+    python bench/paired.py                      # poolwatch-prom, httpx2 and httpx, C=1 and 32
+    python bench/paired.py --families httpx2 --concurrency 1 \
+        --variants poolwatch-prom,trace-floor,poolwatch-prom-otel,otel-httpx
+
+``run.py`` gives each run a fresh process, as the overhead target asks, and pairs runs within
+a round; but on this VM two processes of the very same client differ by up to 10 % in CPU per
+request (memory layout, hash seeds, the hour), three times the 3 % being judged. Here a bare
+client and an instrumented one live in one process, both warmed up past httpcore's keep-alive
+expiry, and take turns: blocks of ``--block`` requests, A B then B A, each block timed with
+``time.process_time()``. Each pair of neighbouring blocks gives one ratio, seconds apart, so a
+drift of the machine cancels out. The process is pinned to one core and the server to another
+when the machine has two. After the pairs, the instrumented client passes ``client.py``'s
+sanity checks (poolwatch counted every request, every span was exported by the right
+instrumentation), or the run fails.
+
+``trace-floor`` is the perf baseline's variant c, which it names the floor of a design built on
+httpcore's trace extension (~30 µs, 3 % there): a transport that gives each request a trace
+callback noting every event's time and a few counts. Measured here the same way as poolwatch,
+it says what "3 %" costs in this harness.
+
+What it cannot tell: anything a second process adds (a fresh interpreter's first requests),
+and httpx at C=32, where httpcore 1.0.9's retry loop makes each block's pool different
+(``attempts.py``): two clients taking turns there read 0.45 to 2.4 between the quartiles, so
+that cell gets no verdict.
+
+One child process per (client, concurrency, variant): poolwatch's exporters are process-wide,
+so two instrumented variants cannot share a process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from client import Driver, Setup, parse_variant  # noqa: E402  (also puts the working tree's poolwatch first)
+
+#: Target of the overhead issue: poolwatch + Prometheus at most 1.03x bare client CPU.
+TARGET = 1.03
+
+
+class _PoolStats:
+    __slots__ = ("active", "done", "duration", "new", "peak")
+
+    def __init__(self) -> None:
+        self.active = self.done = self.new = self.peak = 0
+        self.duration = 0.0
+
+
+class _RequestTrace:
+    """The perf baseline's variant c, the floor it names for a trace-callback design: a trace
+    extension per request whose callback notes each event's time and keeps in-flight, peak,
+    done, duration and new-connection counts."""
+
+    __slots__ = ("events", "stats")
+
+    def __init__(self, stats: _PoolStats) -> None:
+        self.events: list[tuple[str, int]] = []
+        self.stats = stats
+
+    async def __call__(self, name: str, info: dict[str, Any]) -> None:
+        del info
+        now = time.perf_counter_ns()
+        self.events.append((name, now))
+        stats = self.stats
+        if name.endswith("send_request_headers.started"):
+            stats.active += 1
+            stats.peak = max(stats.peak, stats.active)
+        elif name.endswith("response_closed.complete"):
+            stats.active -= 1
+            stats.done += 1
+            stats.duration += (now - self.events[0][1]) / 1e9
+        elif name.endswith("connect_tcp.complete"):
+            stats.new += 1
+
+
+class _TraceFloor:
+    """A bare client behind a transport that gives each request a ``_RequestTrace``."""
+
+    def __init__(self, family: str, concurrency: int) -> None:
+        hx = importlib.import_module(family)
+        limits = hx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        inner = hx.AsyncHTTPTransport(limits=limits)
+        stats = self.stats = _PoolStats()
+
+        class TraceTransport(hx.AsyncBaseTransport):  # type: ignore[misc, name-defined]
+            async def handle_async_request(self, request: Any) -> Any:
+                request.extensions = {**request.extensions, "trace": _RequestTrace(stats)}
+                return await inner.handle_async_request(request)
+
+            async def aclose(self) -> None:
+                await inner.aclose()
+
+        self.client = hx.AsyncClient(transport=TraceTransport())
+
+
+def _quartiles(values: list[float]) -> tuple[float, float, float]:
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], statistics.median(values), q[2]
+
+
+async def _pairs(args: argparse.Namespace) -> dict[str, Any]:
+    logging.getLogger("poolwatch").setLevel(logging.ERROR)  # saturation warnings, expected
+    bare = Setup("bare", args.family, args.concurrency)
+    if args.variant == "trace-floor":
+        other: Any = _TraceFloor(args.family, args.concurrency)
+    else:
+        other = Setup(args.variant, args.family, args.concurrency)
+    drivers = {
+        "bare": Driver(bare.client, args.url, args.concurrency),
+        "other": Driver(other.client, args.url, args.concurrency),
+    }
+    warm = 6.0 if args.concurrency > 1 else 0.0
+    for driver in drivers.values():
+        await driver.warm_up(1000, warm)
+    per_request: dict[str, list[float]] = {"bare": [], "other": []}
+    ratios: list[float] = []
+    for i in range(args.pairs):
+        order = ("bare", "other") if i % 2 == 0 else ("other", "bare")
+        block: dict[str, float] = {}
+        for name in order:
+            cpu = time.process_time()
+            await drivers[name].timed(args.block)
+            block[name] = (time.process_time() - cpu) / args.block * 1e6
+            per_request[name].append(block[name])
+        ratios.append(block["other"] / block["bare"])
+    errors = {name: dict(d.error_types) for name, d in drivers.items() if d.errors}
+    # The variant did what it says: the run's own sanity checks (poolwatch counted every
+    # request, every span was exported by the right instrumentation...).
+    if isinstance(other, Setup):
+        sent = drivers["other"].sent
+        problems = other.sanity(other.export(), sent, drivers["other"].errors)["problems"]
+    else:
+        problems = [] if other.stats.done == drivers["other"].sent else ["trace counts"]
+    await bare.client.aclose()
+    await other.client.aclose()
+    return {
+        "family": args.family,
+        "concurrency": args.concurrency,
+        "variant": args.variant,
+        "block": args.block,
+        "pairs": args.pairs,
+        "bare_us": statistics.median(per_request["bare"]),
+        "other_us": statistics.median(per_request["other"]),
+        "overheads_us": [
+            o - b for o, b in zip(per_request["other"], per_request["bare"], strict=True)
+        ],
+        "ratios": ratios,
+        "errors": errors,
+        "problems": problems,
+    }
+
+
+def _child(args: argparse.Namespace) -> None:
+    print(json.dumps(asyncio.run(_pairs(args))), flush=True)
+
+
+def _start_server(core: int | None) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "server.py")], stdout=subprocess.PIPE, text=True
+    )
+    if core is not None:
+        os.sched_setaffinity(proc.pid, {core})
+    assert proc.stdout is not None
+    port = int(proc.stdout.readline())
+    proc.stdout.readline()  # the server's facts
+    return proc, f"http://127.0.0.1:{port}/"
+
+
+def _row(r: dict[str, Any]) -> str:
+    q1, ratio, q3 = _quartiles(r["ratios"])
+    o1, overhead, o3 = _quartiles(r["overheads_us"])
+    chaotic = r["family"] == "httpx" and r["concurrency"] > 1
+    if r["variant"] != "poolwatch-prom":
+        verdict = "(not this target's)"
+    elif chaotic:
+        verdict = "no verdict (see the docstring)"
+    else:
+        verdict = "met" if ratio <= TARGET else "**not met**"
+    return (
+        f"| {r['family']} | {r['concurrency']} | {r['variant']} | {r['bare_us']:.0f} "
+        f"| {r['other_us']:.0f} | {overhead:+.0f} [{o1:+.0f}..{o3:+.0f}] "
+        f"| {ratio:.3f} [{q1:.3f}..{q3:.3f}] | {r['pairs']} x {r['block']} | {verdict} |"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", default="httpx2,httpx")
+    parser.add_argument("--concurrency", default="1,32", help="comma-separated")
+    parser.add_argument(
+        "--variants",
+        default="poolwatch-prom",
+        help="comma-separated, each against bare (run.py's names, without -httpx2, or "
+        "trace-floor: the perf baseline's trace-callback floor); with poolwatch-prom-otel and "
+        "otel-httpx both, the OTel target's quotient too",
+    )
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--pairs", type=int, default=24, help="pairs of blocks per cell")
+    parser.add_argument("--block", type=int, default=1000, help="requests per block")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--family", help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        args.concurrency = int(args.concurrency)
+        _child(args)
+        return
+
+    cores = sorted(os.sched_getaffinity(0))
+    server_core, client_cores = (cores[-1], set(cores[:-1])) if len(cores) > 1 else (None, None)
+    server, url = _start_server(server_core)
+    results = []
+    try:
+        for family, c, base in (
+            (f, c, v)
+            for f in args.families.split(",")
+            for c in args.concurrency.split(",")
+            for v in args.variants.split(",")
+        ):
+            if base != "trace-floor":
+                parse_variant(base)  # known, or exit
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                "--family",
+                family,
+                "--concurrency",
+                c,
+                "--variant",
+                base,
+                "--pairs",
+                str(args.pairs),
+                "--block",
+                str(args.block),
+                "--url",
+                url,
+            ]
+            with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as proc:
+                if client_cores is not None:
+                    os.sched_setaffinity(proc.pid, client_cores)
+                out, _ = proc.communicate()
+            if proc.returncode != 0:
+                raise SystemExit(f"{family} C={c}: the child failed ({proc.returncode})")
+            result = json.loads(out.strip().splitlines()[-1])
+            if result["errors"] or result["problems"]:
+                raise SystemExit(f"{family} C={c} {base}: {result['errors']} {result['problems']}")
+            results.append(result)
+            print(_row(result), file=sys.stderr, flush=True)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    print(
+        "| client | C | variant | bare µs/req | instrumented µs/req | overhead µs/req "
+        "[quartiles] | CPU ratio [quartiles] | pairs x block | poolwatch-prom ≤ 1.03 |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(_row(r))
+    quotients = _quotients(results)
+    if quotients:
+        print(
+            "\n| client | C | poolwatch-prom-otel overhead / otel-httpx overhead "
+            "(medians of the paired overheads) | ≤ 0.5 |"
+        )
+        print("|---|---|---|---|")
+        for family, c, q in quotients:
+            print(f"| {family} | {c} | {q:.2f} | {'met' if q <= 0.5 else '**not met**'} |")
+
+
+def _quotients(results: list[dict[str, Any]]) -> list[tuple[str, int, float]]:
+    """The OTel target's measure per cell, where both variants ran."""
+    by_cell: dict[tuple[str, int], dict[str, float]] = {}
+    for r in results:
+        cell = by_cell.setdefault((r["family"], r["concurrency"]), {})
+        cell[r["variant"]] = statistics.median(r["overheads_us"])
+    return [
+        (family, c, v["poolwatch-prom-otel"] / v["otel-httpx"])
+        for (family, c), v in by_cell.items()
+        if "poolwatch-prom-otel" in v and v.get("otel-httpx", 0) > 0
+    ]
+
+
+if __name__ == "__main__":
+    main()
