@@ -18,7 +18,10 @@ instrumentation), or the run fails.
 ``trace-floor`` is the perf baseline's variant c, which it names the floor of a design built on
 httpcore's trace extension (~30 µs, 3 % there): a transport that gives each request a trace
 callback noting every event's time and a few counts. Measured here the same way as poolwatch,
-it says what "3 %" costs in this harness.
+it says what "3 %" costs in this harness. ``hooks-skeleton``, ``hooks-entry``,
+``hooks-connections`` and ``hooks-attributes`` give a bare client parts of poolwatch's hooking
+with no bookkeeping (``_Skeleton``): what the hooks cost by themselves. ``--no-gc`` and
+``--no-sampler`` take the garbage collector and poolwatch's saturation sampler out.
 
 What it cannot tell: anything a second process adds (a fresh interpreter's first requests),
 and httpx at C=32, where httpcore 1.0.9's retry loop makes each block's pool different
@@ -33,6 +36,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextvars
+import gc
 import importlib
 import json
 import logging
@@ -41,6 +46,7 @@ import statistics
 import subprocess
 import sys
 import time
+import weakref
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -107,6 +113,100 @@ class _TraceFloor:
         self.client = hx.AsyncClient(transport=TraceTransport())
 
 
+class _Skeleton:
+    """A bare client given parts of poolwatch's hooking, with no bookkeeping at all: what the
+    hooks cost by themselves. ``parts``: ``entry`` (a coroutine wrapper on the pool's request
+    call, with a context variable, as poolwatch's pool entry), ``connections`` (a coroutine
+    wrapper per connection for its request call and its close, set as instance attributes, as
+    poolwatch's), ``streams`` (a close wrapper per response holding a weak reference to the
+    stream), ``attributes`` (only two instance attributes per connection, holding its own bound
+    methods: no wrapper at all). Set after the warm-up, on the connections the pool has then
+    and on those it makes later."""
+
+    def __init__(self, family: str, concurrency: int, parts: set[str]) -> None:
+        self._bare = Setup("bare", family, concurrency)
+        self.client = self._bare.client
+        self.parts = parts
+        self.stats = _PoolStats()  # requests through the pool entry, when it is hooked
+
+    def hook(self) -> None:
+        pool, parts, stats = self._bare.pool, self.parts, self.stats
+        pool_cls = type(pool)
+        if "entry" in parts:
+
+            async def entry(request: Any) -> Any:
+                token = _CURRENT.set(request)
+                try:
+                    return await pool_cls.handle_async_request(pool, request)
+                finally:
+                    _CURRENT.reset(token)
+                    stats.done += 1
+
+            pool.handle_async_request = entry
+        for conn in pool.connections:
+            self._hook_connection(conn)
+        create = pool.create_connection
+
+        def create_connection(origin: Any) -> Any:
+            conn = create(origin)
+            self._hook_connection(conn)
+            return conn
+
+        pool.create_connection = create_connection
+
+    def _hook_connection(self, conn: Any) -> None:
+        parts = self.parts
+        cls = type(conn)
+        if "attributes" in parts:
+            conn.handle_async_request = conn.handle_async_request
+            conn.aclose = conn.aclose
+        if "connections" not in parts:
+            return
+
+        async def handle_async_request(request: Any) -> Any:
+            _CURRENT.get()
+            response = await cls.handle_async_request(conn, request)
+            if "streams" in parts:
+                response.stream.aclose = _SkeletonClose(response.stream)
+            return response
+
+        async def aclose() -> None:
+            await cls.aclose(conn)
+
+        conn.handle_async_request = handle_async_request
+        conn.aclose = aclose
+
+
+class _SkeletonClose:
+    __slots__ = ("ref",)
+
+    def __init__(self, stream: Any) -> None:
+        self.ref = weakref.ref(stream, _ignore)
+
+    async def __call__(self) -> None:
+        stream = self.ref()
+        try:
+            if stream is not None:
+                await type(stream).aclose(stream)
+        finally:
+            if stream is not None and getattr(stream, "aclose", None) is self:
+                delattr(stream, "aclose")
+
+
+def _ignore(ref: Any) -> None:
+    del ref
+
+
+_CURRENT: contextvars.ContextVar[Any] = contextvars.ContextVar("paired", default=None)
+#: ``--variants`` names of ``_Skeleton``, and the parts each one hooks.
+SKELETONS = {
+    "hooks-skeleton": {"entry", "connections", "streams"},
+    "hooks-entry": {"entry"},
+    "hooks-connections": {"connections"},
+    "hooks-attributes": {"attributes"},
+}
+
+
 def _quartiles(values: list[float]) -> tuple[float, float, float]:
     q = statistics.quantiles(values, n=4, method="inclusive")
     return q[0], statistics.median(values), q[2]
@@ -117,8 +217,11 @@ async def _pairs(args: argparse.Namespace) -> dict[str, Any]:
     bare = Setup("bare", args.family, args.concurrency)
     if args.variant == "trace-floor":
         other: Any = _TraceFloor(args.family, args.concurrency)
+    elif args.variant in SKELETONS:
+        other = _Skeleton(args.family, args.concurrency, SKELETONS[args.variant])
     else:
-        other = Setup(args.variant, args.family, args.concurrency)
+        threshold = None if args.no_sampler else 0.8
+        other = Setup(args.variant, args.family, args.concurrency, saturation_threshold=threshold)
     drivers = {
         "bare": Driver(bare.client, args.url, args.concurrency),
         "other": Driver(other.client, args.url, args.concurrency),
@@ -126,6 +229,14 @@ async def _pairs(args: argparse.Namespace) -> dict[str, Any]:
     warm = 6.0 if args.concurrency > 1 else 0.0
     for driver in drivers.values():
         await driver.warm_up(1000, warm)
+    counted_from = 0  # requests sent before the variant's counts began
+    if isinstance(other, _Skeleton):
+        counted_from = drivers["other"].sent
+        other.hook()
+        await drivers["other"].warm_up(200, 0.0)
+    if args.no_gc:
+        gc.collect()
+        gc.disable()
     per_request: dict[str, list[float]] = {"bare": [], "other": []}
     ratios: list[float] = []
     for i in range(args.pairs):
@@ -143,8 +254,11 @@ async def _pairs(args: argparse.Namespace) -> dict[str, Any]:
     if isinstance(other, Setup):
         sent = drivers["other"].sent
         problems = other.sanity(other.export(), sent, drivers["other"].errors)["problems"]
+    elif isinstance(other, _Skeleton) and "entry" not in other.parts:
+        problems = []  # nothing counted: errors above are the check
     else:
-        problems = [] if other.stats.done == drivers["other"].sent else ["trace counts"]
+        counted = drivers["other"].sent - counted_from
+        problems = [] if other.stats.done == counted else [f"{other.stats.done} of {counted}"]
     await bare.client.aclose()
     await other.client.aclose()
     return {
@@ -211,6 +325,12 @@ def main() -> None:
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--pairs", type=int, default=24, help="pairs of blocks per cell")
     parser.add_argument("--block", type=int, default=1000, help="requests per block")
+    parser.add_argument(
+        "--no-gc", action="store_true", help="the garbage collector off while timing"
+    )
+    parser.add_argument(
+        "--no-sampler", action="store_true", help="poolwatch's saturation sampler off"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--family", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
@@ -231,7 +351,7 @@ def main() -> None:
             for c in args.concurrency.split(",")
             for v in args.variants.split(",")
         ):
-            if base != "trace-floor":
+            if base != "trace-floor" and base not in SKELETONS:
                 parse_variant(base)  # known, or exit
             cmd = [
                 sys.executable,
@@ -249,6 +369,8 @@ def main() -> None:
                 str(args.block),
                 "--url",
                 url,
+                *(["--no-gc"] if args.no_gc else []),
+                *(["--no-sampler"] if args.no_sampler else []),
             ]
             with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as proc:
                 if client_cores is not None:
