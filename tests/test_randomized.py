@@ -451,7 +451,9 @@ def test_a_request_cancelled_while_waiting_for_an_http2_stream_slot_still_has_it
                     await anyio.sleep(0.005)
                 with anyio.move_on_after(0.1) as scope:
                     await client.get(f"{server.url}/ok")  # waits for the only slot
-                assert scope.cancelled_caught
+                # Failed once in a full run (not reproduced in 18 runs alone, under load too):
+                # say what the server saw, so that a next time tells why.
+                assert scope.cancelled_caught, f"no wait for the slot: {server.stats.snapshot()}"
             snap = poolwatch.snapshot(client)
         (origin,) = snap.origins
         assert snap.errors == {"cancelled": 1}
