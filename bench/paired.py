@@ -53,9 +53,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from client import Driver, Setup, parse_variant  # noqa: E402  (also puts the working tree's poolwatch first)
-
-#: Target of the overhead issue: poolwatch + Prometheus at most 1.03x bare client CPU.
-TARGET = 1.03
+from run import TARGET_OTEL_SHARE, TARGET_PROM_RATIO, Server, pinning  # noqa: E402
 
 
 class _PoolStats:
@@ -282,18 +280,6 @@ def _child(args: argparse.Namespace) -> None:
     print(json.dumps(asyncio.run(_pairs(args))), flush=True)
 
 
-def _start_server(core: int | None) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [sys.executable, os.path.join(HERE, "server.py")], stdout=subprocess.PIPE, text=True
-    )
-    if core is not None:
-        os.sched_setaffinity(proc.pid, {core})
-    assert proc.stdout is not None
-    port = int(proc.stdout.readline())
-    proc.stdout.readline()  # the server's facts
-    return proc, f"http://127.0.0.1:{port}/"
-
-
 def _row(r: dict[str, Any]) -> str:
     q1, ratio, q3 = _quartiles(r["ratios"])
     o1, overhead, o3 = _quartiles(r["overheads_us"])
@@ -303,7 +289,7 @@ def _row(r: dict[str, Any]) -> str:
     elif chaotic:
         verdict = "no verdict (see the docstring)"
     else:
-        verdict = "met" if ratio <= TARGET else "**not met**"
+        verdict = "met" if ratio <= TARGET_PROM_RATIO else "**not met**"
     return (
         f"| {r['family']} | {r['concurrency']} | {r['variant']} | {r['bare_us']:.0f} "
         f"| {r['other_us']:.0f} | {overhead:+.0f} [{o1:+.0f}..{o3:+.0f}] "
@@ -318,9 +304,10 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         default="poolwatch-prom",
-        help="comma-separated, each against bare (run.py's names, without -httpx2, or "
-        "trace-floor: the perf baseline's trace-callback floor); with poolwatch-prom-otel and "
-        "otel-httpx both, the OTel target's quotient too",
+        help="comma-separated, each against bare: run.py's names without -httpx2, trace-floor "
+        "(the perf baseline's trace-callback floor) or " + ", ".join(SKELETONS) + " (parts of "
+        "poolwatch's hooking, no bookkeeping); with poolwatch-prom-otel and otel-httpx both, "
+        "the OTel target's quotient too",
     )
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--pairs", type=int, default=24, help="pairs of blocks per cell")
@@ -340,9 +327,9 @@ def main() -> None:
         _child(args)
         return
 
-    cores = sorted(os.sched_getaffinity(0))
-    server_core, client_cores = (cores[-1], set(cores[:-1])) if len(cores) > 1 else (None, None)
-    server, url = _start_server(server_core)
+    pins = pinning(True)
+    server = Server(None if pins is None else pins[0])
+    client_cores = None if pins is None else pins[1]
     results = []
     try:
         for family, c, base in (
@@ -368,7 +355,7 @@ def main() -> None:
                 "--block",
                 str(args.block),
                 "--url",
-                url,
+                server.url,
                 *(["--no-gc"] if args.no_gc else []),
                 *(["--no-sampler"] if args.no_sampler else []),
             ]
@@ -384,11 +371,11 @@ def main() -> None:
             results.append(result)
             print(_row(result), file=sys.stderr, flush=True)
     finally:
-        server.terminate()
-        server.wait(timeout=10)
+        server.stop()
     print(
         "| client | C | variant | bare µs/req | instrumented µs/req | overhead µs/req "
-        "[quartiles] | CPU ratio [quartiles] | pairs x block | poolwatch-prom ≤ 1.03 |"
+        "[quartiles] | CPU ratio [quartiles] | pairs x block "
+        f"| poolwatch-prom ≤ {TARGET_PROM_RATIO} |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
@@ -397,11 +384,12 @@ def main() -> None:
     if quotients:
         print(
             "\n| client | C | poolwatch-prom-otel overhead / otel-httpx overhead "
-            "(medians of the paired overheads) | ≤ 0.5 |"
+            f"(medians of the paired overheads) | ≤ {TARGET_OTEL_SHARE} |"
         )
         print("|---|---|---|---|")
         for family, c, q in quotients:
-            print(f"| {family} | {c} | {q:.2f} | {'met' if q <= 0.5 else '**not met**'} |")
+            verdict = "met" if q <= TARGET_OTEL_SHARE else "**not met**"
+            print(f"| {family} | {c} | {q:.2f} | {verdict} |")
 
 
 def _quotients(results: list[dict[str, Any]]) -> list[tuple[str, int, float]]:
