@@ -15,14 +15,25 @@ what                                        used for
 ``pool.connections``, ``conn.is_closed()``  public: connection state at scrape time
 ``conn._origin``                            the origin of connections opened before
                                             poolwatch was installed
+``stream._connection``,                     the HTTP/1.1 connection a response stream
+``conn._connection``                        releases when closed, and the one an outer
+                                            connection holds
+``http11._response_closed()``               the HTTP/1.1 connection is released: the
+                                            request on it is over
 ==========================================  ==========================================
 
 Patches are instance attributes only (never a class), so ``uninstrument()`` deletes them and
-other instances of the same class are untouched.
+other instances of the same class are untouched. They are set, read and deleted with
+``setattr`` / ``getattr`` / ``delattr``, never through an object's ``__dict__``: on CPython
+3.11+ reading ``obj.__dict__`` turns the object's inline attribute values into a dictionary for
+good, after which the interpreter stops specialising httpcore's own attribute reads on it
+(``self._state``, ``self._h11_state``, ``pool._requests``: ~40 of them per request). That cost
+more than all of poolwatch's own per-request bookkeeping (``bench/adaptive.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import select
@@ -330,8 +341,7 @@ def _fileno_of(inner: Any) -> Callable[[], int] | None:
     """The ``fileno`` of the socket behind an HTTP/1.1 connection (``None``: no socket),
     looked up once; unwrapped from asyncio's and trio's socket wrappers, whose ``fileno`` is
     a Python call, to the socket's own."""
-    attrs = getattr(inner, "__dict__", {})
-    fileno: Callable[[], int] | None = attrs.get(_FILENO)
+    fileno: Callable[[], int] | None = getattr(inner, _FILENO, None)
     if fileno is not None:
         return fileno
     stream = getattr(inner, "_network_stream", None)
@@ -342,7 +352,10 @@ def _fileno_of(inner: Any) -> Callable[[], int] | None:
     found = getattr(sock, "fileno", None)
     if not callable(found):
         return None
-    attrs[_FILENO] = fileno = found  # as long-lived as the connection, and no longer
+    fileno = found
+    # As long-lived as the connection, and no longer (a class with __slots__: looked up anew).
+    with contextlib.suppress(AttributeError):
+        setattr(inner, _FILENO, fileno)
     return fileno
 
 
@@ -364,15 +377,73 @@ def _socket_of(stream: Any) -> Any:
     return stream.get_extra_info("socket")
 
 
+#: Response stream classes, by whether they are httpcore's own HTTP/1.1 stream, whose close
+#: ends in its connection's ``_response_closed()``.
+_RELEASING: dict[type, bool] = {}
+
+
+def released_connection(stream: Any) -> Any | None:
+    """The HTTP/1.1 connection (httpcore's ``HTTP11Connection``) that ``stream``, a response
+    stream of httpcore's own, releases by calling its ``_response_closed()`` when closed;
+    ``None`` for any other stream (HTTP/2, a proxy's, another library's).
+
+    That call is the end of the request on the connection, whether the response was read,
+    closed early or failed mid-body: one hook per connection sees every request end, where
+    wrapping each response stream's close costs an object, a weak reference and an instance
+    dictionary per request.
+    """
+    cls = type(stream)
+    known = _RELEASING.get(cls)
+    if known is None:
+        known = _RELEASING[cls] = (
+            cls.__name__ == "HTTP11ConnectionByteStream"
+            and cls.__module__.partition(".")[0] in ("httpcore", "httpcore2")
+        )
+    return getattr(stream, "_connection", None) if known else None
+
+
+def can_hook_release(inner: Any) -> bool:
+    """Whether ``inner`` has its class's own ``_response_closed()`` (nobody replaced it)."""
+    return callable(getattr(type(inner), "_response_closed", None)) and (
+        instance_attr(inner, "_response_closed") is None
+    )
+
+
+def inner_connection(conn: Any) -> Any | None:
+    """The HTTP/1.1 or HTTP/2 connection an httpcore ``HTTPConnection`` holds once connected."""
+    return getattr(conn, "_connection", None)
+
+
 def forget_socket(conn: Any) -> None:
     """Remove what ``IdleSockets`` kept on a connection."""
     inner = getattr(conn, "_connection", None)
-    getattr(inner, "__dict__", {}).pop(_FILENO, None)
+    if inner is not None:
+        remove_instance_attr(inner, _FILENO)
 
 
 # -- instance patches ------------------------------------------------------------------------
 
-_ORIGINALS = "_poolwatch_originals"
+_MISSING = object()
+
+
+def instance_attr(obj: Any, name: str) -> Any | None:
+    """What ``obj`` has under ``name`` on itself, shadowing its class (a patch, ours or
+    another library's); ``None`` when it has only its class's. Never reads ``obj.__dict__``."""
+    value = getattr(obj, name, None)
+    if value is None:
+        return None
+    own = getattr(type(obj), name, _MISSING)
+    if value is own:
+        return None
+    if getattr(value, "__self__", None) is obj and getattr(value, "__func__", None) is own:
+        return None  # the class's own method, bound to obj
+    return value
+
+
+def remove_instance_attr(obj: Any, name: str) -> None:
+    """Delete an instance attribute if ``obj`` has one (its class's stays)."""
+    with contextlib.suppress(AttributeError):
+        delattr(obj, name)
 
 
 def unpatch(obj: Any, name: str, previous: Any) -> None:
@@ -380,7 +451,7 @@ def unpatch(obj: Any, name: str, previous: Any) -> None:
     if previous is not None:
         setattr(obj, name, previous)
     else:
-        obj.__dict__.pop(name, None)
+        remove_instance_attr(obj, name)
 
 
 def iter_pools(client: Any, flavour: Flavour) -> Iterator[tuple[Any, Any | None]]:

@@ -8,10 +8,11 @@ poolwatch sits at three places inside an httpcore pool, as instance attributes:
     the pool handed a connection to the request: the queue wait ends. A request that opens
     a new connection (or may be waiting for an HTTP/2 stream slot) gets a trace callback for
     that call only, which times connect and TLS; every other request runs without one.
-the connection-level response stream's ``aclose`` / ``close``
-    the connection is released: the request is over. httpcore calls it on every ending,
+the HTTP/1.1 connection's ``_response_closed``, else the response stream's ``aclose`` / ``close``
+    the connection is released: the request is over. httpcore calls them on every ending,
     closed by the caller, fully read, or failed mid-body; a stream garbage-collected without
-    it is a leaked response.
+    them is a leaked response. HTTP/1.1 connections of httpcore's own are hooked once each;
+    any other response stream (HTTP/2, a proxy's) gets its close wrapped, per request.
 
 Each async function has a sync twin a few lines below it; the logic they share lives in the
 core and in the plain helpers here, so the twins differ only by ``await``.
@@ -185,7 +186,10 @@ def sync_pool_entry(
 def detach_connection(conn: Any) -> None:
     """Remove what ``watch_connection()`` attached to a connection."""
     for name in ("handle_async_request", "handle_request", "aclose", "close"):
-        conn.__dict__.pop(name, None)
+        _httpcore.remove_instance_attr(conn, name)
+    inner = _httpcore.inner_connection(conn)
+    if inner is not None and isinstance(getattr(inner, _RELEASE, None), _Release):
+        delattr(inner, _RELEASE)
     _httpcore.forget_socket(conn)
 
 
@@ -222,7 +226,7 @@ class _Site:
     """What every request through one connection shares (or through one pool-less transport,
     with no connection): built once, so a request's own objects carry one reference to it."""
 
-    __slots__ = ("cna", "conn", "core", "flavour", "hooks", "key", "record")
+    __slots__ = ("cna", "conn", "core", "current", "flavour", "hooks", "inner", "key", "record")
 
     def __init__(
         self,
@@ -239,6 +243,10 @@ class _Site:
         self.flavour = flavour
         self.hooks = hooks
         self.cna = flavour.connection_not_available
+        #: The HTTP/1.1 connection whose release is hooked (see ``_Release``), once hooked.
+        self.inner: Any = None
+        #: The request whose response that connection is serving, from headers to release.
+        self.current: RequestRecord | None = None
 
 
 def _enter_connection(
@@ -271,8 +279,17 @@ def _enter_connection(
 def _headers_arrived(
     site: _Site, rec: RequestRecord, response: Any, closer: type[_StreamClose]
 ) -> None:
-    """The connection call returned the response headers: watch the stream for its end."""
-    ref = _watch_stream(site, rec, response.stream, closer)
+    """The connection call returned the response headers: watch for the request's end."""
+    stream = response.stream
+    inner = _httpcore.released_connection(stream)
+    ref: _StreamRef | None
+    if inner is not None and (inner is site.inner or _hook_release(site, inner, closer)):
+        site.current = rec
+        ref = _leak_ref(site, rec, stream)
+        watched = True
+    else:
+        ref = _watch_stream(site, rec, stream, closer)
+        watched = ref is not None
     record = site.record
     try:
         http_version = record.http_version if record is not None else None
@@ -284,7 +301,7 @@ def _headers_arrived(
         report_internal_error("response headers bookkeeping", exc)
     if site.hooks.on_headers is not None:
         _call_hook(site.hooks.on_headers, rec, "response headers hook")
-    if ref is None:
+    if not watched:
         # Without a close hook the request's end is unknowable: end it now rather than never.
         _stream_closed(site, rec)
 
@@ -452,6 +469,69 @@ def _stream_closed(site: _Site, rec: RequestRecord) -> None:
         _call_hook(site.hooks.on_finish, rec, "request finish hook")
 
 
+#: The name of the HTTP/1.1 connection method ``_Release`` replaces.
+_RELEASE = "_response_closed"
+
+
+class _Release:
+    """Replaces an HTTP/1.1 connection's ``_response_closed``, which releases the connection
+    when its response closes (read, closed early, or failed mid-body): run it, then end the
+    request whose response it was. One per connection, for all its requests.
+
+    httpcore also calls it when a request fails before its headers arrive; then no request
+    is current (``_headers_arrived`` sets it), and the connection call's failure is handled
+    there.
+    """
+
+    __slots__ = ("inner", "method", "site")
+
+    def __init__(self, site: _Site, inner: Any) -> None:
+        self.site = site
+        self.inner = inner
+        self.method = getattr(type(inner), _RELEASE)
+
+    def released(self) -> None:
+        site = self.site
+        rec = site.current
+        if rec is not None:
+            site.current = None
+            _stream_closed(site, rec)
+
+
+class _AsyncRelease(_Release):
+    __slots__ = ()
+
+    async def __call__(self) -> None:
+        try:
+            await self.method(self.inner)
+        finally:
+            self.released()
+
+
+class _SyncRelease(_Release):
+    __slots__ = ()
+
+    def __call__(self) -> None:
+        try:
+            self.method(self.inner)
+        finally:
+            self.released()
+
+
+def _hook_release(site: _Site, inner: Any, closer: type[_StreamClose]) -> bool:
+    """Hook the release of a connection's new HTTP/1.1 connection; False if it cannot be."""
+    try:
+        if not _httpcore.can_hook_release(inner):
+            return False
+        release = _AsyncRelease if closer is _AsyncStreamClose else _SyncRelease
+        setattr(inner, _RELEASE, release(site, inner))
+    except Exception as exc:
+        report_internal_error("connection release watch", exc)
+        return False
+    site.inner = inner
+    return True
+
+
 class _StreamRef(weakref.ref):  # type: ignore[type-arg]
     """The weak reference to a response stream that detects leaks: collected before it
     closed means dropped without being closed. It carries what its callback needs, so no
@@ -503,7 +583,7 @@ class _StreamClose:
         self.rec = rec
         name = self.name
         #: An instance attribute the stream already had (another instrumentation's).
-        self.inner = stream.__dict__.get(name)
+        self.inner = _httpcore.instance_attr(stream, name)
         if self.inner is None:
             kind = (type(stream), name)
             closable = _CLOSABLE.get(kind)
@@ -521,10 +601,11 @@ class _StreamClose:
         # garbage collector gets to the response's own reference cycle.
         stream = self.ref()
         name = self.name
-        if stream is not None and stream.__dict__.get(name) is self:
-            del stream.__dict__[name]
+        if stream is not None and getattr(stream, name, None) is self:
             if self.inner is not None:
-                stream.__dict__[name] = self.inner
+                setattr(stream, name, self.inner)
+            else:
+                delattr(stream, name)
 
 
 class _AsyncStreamClose(_StreamClose):
@@ -557,6 +638,18 @@ class _SyncStreamClose(_StreamClose):
                     type(stream).close(stream)
         finally:
             self.closed()
+
+
+def _leak_ref(site: _Site, rec: RequestRecord, stream: Any) -> _StreamRef | None:
+    """The weak reference to the response stream that detects a leak; None if it cannot."""
+    try:
+        ref = _StreamRef(stream, _stream_collected)
+    except TypeError as exc:  # a stream class without weak reference support
+        report_internal_error("response stream watch", exc)
+        return None
+    ref.rec = rec
+    ref.site = site
+    return ref
 
 
 def _watch_stream(

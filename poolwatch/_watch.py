@@ -127,11 +127,11 @@ class ClientWatch:
         core, flavour, hooks = self.core, self.flavour, self.hooks
         is_async = _httpcore.is_async_pool(pool, flavour)
         entry_name = "handle_async_request" if is_async else "handle_request"
-        previous_entry = pool.__dict__.get(entry_name)
+        previous_entry = _httpcore.instance_attr(pool, entry_name)
         make_entry = _shells.async_pool_entry if is_async else _shells.sync_pool_entry
         entry = make_entry(core, pool, previous_entry, flavour, hooks)
 
-        previous_create = pool.__dict__.get("create_connection")
+        previous_create = _httpcore.instance_attr(pool, "create_connection")
         cls = type(pool)
 
         def create_connection(origin: Any) -> Any:
@@ -177,7 +177,7 @@ class ClientWatch:
     def _attach_transport(self, transport: Any) -> None:
         is_async = self.is_async
         entry_name = "handle_async_request" if is_async else "handle_request"
-        previous = transport.__dict__.get(entry_name)
+        previous = _httpcore.instance_attr(transport, entry_name)
         make = _shells.async_transport_entry if is_async else _shells.sync_transport_entry
         setattr(
             transport, entry_name, make(self.core, transport, previous, self.flavour, self.hooks)

@@ -119,20 +119,23 @@ def test_snapshot_of_a_client_never_instrumented_says_what_to_do(hx: Any) -> Non
 def test_uninstrument_restores_the_client_as_it_was(
     hx: Any, loopback_server: LoopbackServer
 ) -> None:
+    with hx.Client() as bare:
+        bare.get(f"{loopback_server.url}/ok")
+        (bare_conn,) = bare._transport._pool.connections
+        httpcore_own = dict(bare_conn._connection.__dict__).keys()
     with hx.Client() as client:
         pool = client._transport._pool
         before = dict(pool.__dict__)
         poolwatch.instrument(client)
         client.get(f"{loopback_server.url}/ok")
         (conn,) = pool.connections
-        inner_before = dict(conn._connection.__dict__)
         poolwatch.snapshot(client)  # which keeps the socket's fileno on the connection
         assert "handle_request" in conn.__dict__
-        assert conn._connection.__dict__.keys() > inner_before.keys()
+        assert conn._connection.__dict__.keys() > httpcore_own  # the release hook, the fileno
         poolwatch.uninstrument(client)
         assert pool.__dict__.keys() == before.keys()
         assert "handle_request" not in conn.__dict__
-        assert conn._connection.__dict__.keys() == inner_before.keys()
+        assert conn._connection.__dict__.keys() == httpcore_own
         assert client.get(f"{loopback_server.url}/ok").status_code == 200
         with pytest.raises(ValueError, match="not instrumented"):
             poolwatch.snapshot(client)
