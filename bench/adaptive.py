@@ -6,12 +6,12 @@ read, or that carries an instance attribute under a method's name, makes those s
 to generic lookups (``..._ADAPTIVE``, ``..._WITH_DICT``, ``..._WITH_HINT``) for every request
 after. The cost lands in httpcore's own frames, where no profiler of poolwatch's code sees it.
 
-A bare client and a poolwatch client each send ``--requests`` requests in their own process;
-then every function of httpx, httpcore, h11 and anyio is disassembled with its specialised
-instructions, and the sites where the two differ are printed. Expected, and unavoidable with
-instance patches: the calls of the patched methods themselves (``handle_async_request``,
-``_response_closed``). Run ``python bench/adaptive.py --url http://127.0.0.1:PORT/`` against
-``bench/server.py``; seconds.
+A bare client and a poolwatch client each send ``--requests`` requests (``--concurrency``
+workers) in their own process; then every function of httpx, httpcore, h11 and anyio is
+disassembled with its specialised instructions, and the sites where the two differ are
+printed. Expected, and unavoidable with instance patches: the calls of the patched methods
+themselves (``handle_async_request``, ``_response_closed``). Run
+``python bench/adaptive.py --url http://127.0.0.1:PORT/`` against ``bench/server.py``; seconds.
 """
 
 from __future__ import annotations
@@ -45,22 +45,33 @@ def _functions(module: types.ModuleType) -> Iterator[types.FunctionType]:
                     yield func
 
 
-def sites(family: str, url: str, requests: int, instrumented: bool) -> dict[str, str]:
-    """``module:function:offset`` -> specialised instruction, after ``requests`` requests."""
+def sites(
+    family: str, url: str, requests: int, concurrency: int, instrumented: bool
+) -> dict[str, str]:
+    """``module:function:offset`` -> specialised instruction, after ``requests`` requests
+    sent by ``concurrency`` workers through a pool of as many connections."""
     sys.path.insert(0, ROOT)  # the working tree's poolwatch
     hx = importlib.import_module(family)
 
     async def main() -> None:
-        transport = hx.AsyncHTTPTransport(limits=hx.Limits(max_connections=1))
+        limits = hx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        transport = hx.AsyncHTTPTransport(limits=limits)
         async with hx.AsyncClient(transport=transport) as client:
             if instrumented:
                 import poolwatch  # noqa: PLC0415
 
                 poolwatch.instrument(client, saturation_threshold=None)
-            for i in range(requests):
-                (await client.get(url)).raise_for_status()
-                if instrumented and i == requests // 2:
-                    poolwatch.snapshot(client)  # a scrape, as Prometheus makes them
+            left = requests
+
+            async def worker() -> None:
+                nonlocal left
+                while left > 0:
+                    left -= 1
+                    (await client.get(url)).raise_for_status()
+                    if instrumented and left == requests // 2:
+                        poolwatch.snapshot(client)  # a scrape, as Prometheus makes them
+
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
 
     asyncio.run(main())
     found: dict[str, str] = {}
@@ -79,10 +90,13 @@ def main() -> None:
     parser.add_argument("--url", required=True, help="bench/server.py's URL")
     parser.add_argument("--family", choices=["httpx", "httpx2"], default="httpx2")
     parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--child", choices=["bare", "poolwatch"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        found = sites(args.family, args.url, args.requests, args.child == "poolwatch")
+        found = sites(
+            args.family, args.url, args.requests, args.concurrency, args.child == "poolwatch"
+        )
         json.dump(found, sys.stdout)
         return
     runs = {}
@@ -91,7 +105,8 @@ def main() -> None:
             [
                 sys.executable,
                 *(__file__, "--url", args.url, "--family", args.family),
-                *("--requests", str(args.requests), "--child", child),
+                *("--requests", str(args.requests), "--concurrency", str(args.concurrency)),
+                *("--child", child),
             ],
             check=True,
             capture_output=True,
@@ -106,7 +121,7 @@ def main() -> None:
         and bare[site] != watched[site]
         and _worse(bare[site].split()[0], watched[site].split()[0])
     ]
-    print(f"{args.family}, {args.requests} requests on one connection each:")
+    print(f"{args.family}, {args.requests} requests by {args.concurrency} workers each:")
     print(f"{len(changed)} sites specialised for the bare client and not for poolwatch's\n")
     print("| site | bare | poolwatch |")
     print("|---|---|---|")

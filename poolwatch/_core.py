@@ -250,6 +250,8 @@ class PoolCore:
         #: ``_origins`` by the keys requests come with (a default port as ``None`` too): one
         #: lookup per request. Overflowing keys stay out, so it holds at most two per origin.
         self._by_key: dict[OriginKey, OriginStats] = {}
+        #: ``_by_key``, read-only, for the shells' lookup without a call (``origin()`` adds).
+        self.known_origins: Mapping[OriginKey, OriginStats] = self._by_key
         self._overflow: OriginStats | None = None
         self._inflight: dict[int, RequestRecord] = {}
         #: Weak references to the response streams of requests in flight, by ``id(rec)``.
@@ -451,7 +453,11 @@ class PoolCore:
                     rec.pending = False
                     self.pending -= 1
                     rec.t_queue_end = now
-            self._count_request(rec)
+            conn = rec.conn
+            if rec.opened:  # _count_request(), inlined: this runs for every request
+                rec.origin.requests_new += 1
+            elif conn is not None and conn.connected:
+                rec.origin.requests_reused += 1
             rec.t_headers = now
             t_ready = rec.t_ready
             if t_ready is not None:
@@ -462,10 +468,11 @@ class PoolCore:
             rec.status = status
             if http_version is not None:
                 rec.http_version = http_version
-                rec.origin.http_versions.add(http_version)
-                conn = rec.conn
-                if conn is not None and conn.http_version is None:
+                if conn is None:
+                    rec.origin.http_versions.add(http_version)
+                elif conn.http_version is None:  # the connection's first response
                     conn.http_version = http_version
+                    rec.origin.http_versions.add(http_version)
                     if http_version != "2":
                         conn.maybe_h2 = False
         finally:
@@ -484,7 +491,8 @@ class PoolCore:
                 self._observe_phases(rec)
 
     def _count_request(self, rec: RequestRecord) -> None:
-        """A request that obtained a connection, new or reused (caller holds the lock)."""
+        """A request that obtained a connection, new or reused (caller holds the lock; inlined
+        in ``headers()``)."""
         reused = rec.reused
         if reused:
             rec.origin.requests_reused += 1

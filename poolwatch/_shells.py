@@ -106,7 +106,8 @@ def _connection_gone(core: PoolCore, record: ConnRecord, key: int, hooks: Hooks)
 def _start(core: PoolCore, request: Any, hooks: Hooks) -> RequestRecord | None:
     try:
         url = request.url
-        rec = core.start(core.origin((url.scheme, url.host, url.port)))
+        key = (url.scheme, url.host, url.port)
+        rec = core.start(core.known_origins.get(key) or core.origin(key))
     except Exception as exc:
         report_internal_error("request start", exc)
         return None
@@ -285,7 +286,13 @@ def _headers_arrived(
     ref: _StreamRef | None
     if inner is not None and (inner is site.inner or _hook_release(site, inner, closer)):
         site.current = rec
-        ref = _leak_ref(site, rec, stream)
+        try:
+            ref = _StreamRef(stream, _stream_collected)  # what detects a leak
+            ref.rec = rec
+            ref.site = site
+        except TypeError as exc:  # a stream class without weak reference support
+            report_internal_error("response stream watch", exc)
+            ref = None
         watched = True
     else:
         ref = _watch_stream(site, rec, stream, closer)
@@ -452,7 +459,7 @@ def _stream_closed(site: _Site, rec: RequestRecord) -> None:
     """The response stream closed; an exception being handled means it failed mid-body."""
     core = site.core
     try:
-        exc = sys.exc_info()[1]
+        exc = sys.exception()
         error_type = None
         if exc is not None and (
             site.flavour.owns_exception(exc) or error_type_of(exc) == "cancelled"
@@ -460,7 +467,8 @@ def _stream_closed(site: _Site, rec: RequestRecord) -> None:
             error_type = error_type_of(exc)
         finished = core.finish(rec, error_type)
         record = site.record
-        if record is not None and site.conn.is_closed():
+        # The HTTP/1.1 connection itself when hooked: one call fewer than through its holder.
+        if record is not None and (site.inner or site.conn).is_closed():
             _connection_gone(core, record, site.key, site.hooks)
     except Exception as err:
         report_internal_error("response close bookkeeping", err)
@@ -638,18 +646,6 @@ class _SyncStreamClose(_StreamClose):
                     type(stream).close(stream)
         finally:
             self.closed()
-
-
-def _leak_ref(site: _Site, rec: RequestRecord, stream: Any) -> _StreamRef | None:
-    """The weak reference to the response stream that detects a leak; None if it cannot."""
-    try:
-        ref = _StreamRef(stream, _stream_collected)
-    except TypeError as exc:  # a stream class without weak reference support
-        report_internal_error("response stream watch", exc)
-        return None
-    ref.rec = rec
-    ref.site = site
-    return ref
 
 
 def _watch_stream(

@@ -1,0 +1,129 @@
+"""The scenarios of ``test_host_objects.py``, each in an interpreter of its own.
+
+``python host_objects_worker.py SCENARIO FAMILY URL [CA_PEM]`` runs one scenario through an
+instrumented client and prints, as JSON, how many of httpcore's objects it checked and the
+classes of those whose attributes were moved into a dictionary, before and after
+``uninstrument()``. Its own process, because CPython keeps one budget of 30 attribute names
+per class for inline values: attributes other tests in a session set on httpcore's objects
+would use it up, after which any new attribute moves an instance to a dictionary, whoever
+sets it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import importlib
+import json
+import ssl
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import poolwatch
+
+#: An attribute every instance of these httpcore classes has from its __init__ on.
+KNOWN_ATTRIBUTE = {
+    "AsyncConnectionPool": "_requests",
+    "ConnectionPool": "_requests",
+    "AsyncHTTPConnection": "_origin",
+    "HTTPConnection": "_origin",
+    "AsyncHTTP11Connection": "_h11_state",
+    "HTTP11Connection": "_h11_state",
+    "AsyncHTTP2Connection": "_h2_state",
+    "HTTP2Connection": "_h2_state",
+    "HTTP11ConnectionByteStream": "_request",
+    "HTTP2ConnectionByteStream": "_request",
+    "PoolByteStream": "_stream",
+}
+
+
+def attributes_in_a_dictionary(obj: Any) -> bool:
+    """Whether ``obj``'s attributes were moved into a dictionary, found without reading
+    ``obj.__dict__`` (which would move them): its referents then include that dictionary."""
+    name = KNOWN_ATTRIBUTE[type(obj).__name__]
+    return any(type(r) is dict and name in r for r in gc.get_referents(obj))
+
+
+def httpcore_objects(client: Any, responses: list[Any]) -> Iterator[Any]:
+    """The pool, its connections and their HTTP/1.1 or HTTP/2 connections, and every httpcore
+    stream behind the responses."""
+    pool = client._transport._pool
+    yield pool
+    for conn in pool.connections:
+        yield conn
+        inner = getattr(conn, "_connection", None)
+        if inner is not None:
+            yield inner
+    for response in responses:
+        stream, seen = response.stream, set()
+        while stream is not None and id(stream) not in seen:
+            seen.add(id(stream))
+            if type(stream).__name__ in KNOWN_ATTRIBUTE:
+                yield stream
+            stream = next(
+                (
+                    getattr(stream, attr)
+                    for attr in ("_stream", "_httpcore_stream")
+                    if getattr(stream, attr, None) is not None
+                ),
+                None,
+            )
+
+
+def moved(client: Any, responses: list[Any]) -> tuple[int, list[str]]:
+    objects = list(httpcore_objects(client, responses))
+    return len(objects), [type(o).__qualname__ for o in objects if attributes_in_a_dictionary(o)]
+
+
+async def async_http1(hx: Any, url: str) -> dict[str, Any]:
+    async with hx.AsyncClient() as client:
+        poolwatch.instrument(client)
+        read = await client.get(f"{url}/ok")
+        held = await client.send(client.build_request("GET", f"{url}/ok"), stream=True)
+        leaked = await client.send(client.build_request("GET", f"{url}/ok"), stream=True)
+        del leaked
+        gc.collect()
+        poolwatch.snapshot(client)  # the scrape polls the idle connections' sockets
+        checked, during = moved(client, [read, held])
+        await held.aclose()
+        poolwatch.uninstrument(client)
+        return {"checked": checked, "during": during, "after": moved(client, [read, held])[1]}
+
+
+def sync_http1(hx: Any, url: str) -> dict[str, Any]:
+    with hx.Client() as client:
+        poolwatch.instrument(client)
+        responses = [client.get(f"{url}/ok") for _ in range(3)]
+        poolwatch.snapshot(client)
+        checked, during = moved(client, responses)
+        poolwatch.uninstrument(client)
+        return {"checked": checked, "during": during, "after": moved(client, responses)[1]}
+
+
+async def async_http2(hx: Any, url: str, ca_pem: str) -> dict[str, Any]:
+    verify = ssl.create_default_context(cafile=ca_pem)
+    async with hx.AsyncClient(http2=True, verify=verify) as client:
+        poolwatch.instrument(client)
+        responses = [await client.get(f"{url}/ok") for _ in range(3)]
+        assert all(r.http_version == "HTTP/2" for r in responses)
+        poolwatch.snapshot(client)
+        checked, during = moved(client, responses)
+        poolwatch.uninstrument(client)
+        return {"checked": checked, "during": during, "after": moved(client, responses)[1]}
+
+
+def main() -> None:
+    scenario, family, url, *rest = sys.argv[1:]
+    hx = importlib.import_module(family)
+    if scenario == "async-http1":
+        result = asyncio.run(async_http1(hx, url))
+    elif scenario == "sync-http1":
+        result = sync_http1(hx, url)
+    else:
+        result = asyncio.run(async_http2(hx, url, rest[0]))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
