@@ -28,7 +28,12 @@ other instances of the same class are untouched. They are set, read and deleted 
 3.11+ reading ``obj.__dict__`` turns the object's inline attribute values into a dictionary for
 good, after which the interpreter stops specialising httpcore's own attribute reads on it
 (``self._state``, ``self._h11_state``, ``pool._requests``: ~40 of them per request). That cost
-more than all of poolwatch's own per-request bookkeeping (``bench/adaptive.py``).
+more than all of poolwatch's own per-request bookkeeping (``bench/adaptive.py``). A new
+attribute name is the other way to get there: once ~28 instances of a class exist, CPython
+3.11 lets one more name into the inline layout that all its instances share, and an object
+given any further new name gets a dictionary. So poolwatch adds as few names as it can to
+httpcore's classes (one to the HTTP/1.1 connection, two to the pooled connection and to the
+pool, set on the first one it watches) and keeps its own per-connection state with itself.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import socket
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import ModuleType
@@ -333,15 +339,21 @@ def _poller(fds: dict[int, int]) -> Callable[[], list[int]]:
     return lambda: select.select(listed, [], [], 0)[0]
 
 
-#: Where the socket's ``fileno`` is kept on httpcore's inner connection, once looked up.
-_FILENO = "_poolwatch_fileno"
+#: The socket's ``fileno`` of each HTTP/1.1 connection polled, once looked up; kept here, not
+#: on the connection: a new attribute name on an object of a class with more than ~28
+#: instances already made moves its attributes into a dictionary (CPython 3.11's shared keys
+#: stop growing), which would slow httpcore's own reads on it.
+_FILENOS: weakref.WeakKeyDictionary[Any, Callable[[], int]] = weakref.WeakKeyDictionary()
 
 
 def _fileno_of(inner: Any) -> Callable[[], int] | None:
     """The ``fileno`` of the socket behind an HTTP/1.1 connection (``None``: no socket),
     looked up once; unwrapped from asyncio's and trio's socket wrappers, whose ``fileno`` is
     a Python call, to the socket's own."""
-    fileno: Callable[[], int] | None = getattr(inner, _FILENO, None)
+    try:
+        fileno = _FILENOS.get(inner)
+    except TypeError:  # not weakly referenceable: looked up each time
+        fileno = None
     if fileno is not None:
         return fileno
     stream = getattr(inner, "_network_stream", None)
@@ -349,14 +361,12 @@ def _fileno_of(inner: Any) -> Callable[[], int] | None:
     raw = getattr(sock, "_sock", None)
     if isinstance(raw, socket.socket):
         sock = raw
-    found = getattr(sock, "fileno", None)
+    found: Callable[[], int] | None = getattr(sock, "fileno", None)
     if not callable(found):
         return None
-    fileno = found
-    # As long-lived as the connection, and no longer (a class with __slots__: looked up anew).
-    with contextlib.suppress(AttributeError):
-        setattr(inner, _FILENO, fileno)
-    return fileno
+    with contextlib.suppress(TypeError):
+        _FILENOS[inner] = found  # as long-lived as the connection, and no longer
+    return found
 
 
 def _socket_of(stream: Any) -> Any:
@@ -418,7 +428,8 @@ def forget_socket(conn: Any) -> None:
     """Remove what ``IdleSockets`` kept on a connection."""
     inner = getattr(conn, "_connection", None)
     if inner is not None:
-        remove_instance_attr(inner, _FILENO)
+        with contextlib.suppress(TypeError):
+            _FILENOS.pop(inner, None)
 
 
 # -- instance patches ------------------------------------------------------------------------

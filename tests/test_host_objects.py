@@ -75,6 +75,18 @@ def test_a_sync_http1_client_keeps_its_objects_laid_out(
     assert result["after"] == []
 
 
+def test_http1_connections_keep_their_layout_when_poolwatch_comes_after_many_connections(
+    hx: Any, loopback_server: LoopbackServer
+) -> None:
+    # Each new attribute name poolwatch gave them (its release hook, and until now the socket
+    # it polls at a scrape) must fit the class's shared layout; past ~28 instances only one
+    # more fits. The pooled connection and the pool take two names each, set on the first
+    # one poolwatch watches: a process that made ~28 of them before loses that.
+    result = run_scenario("late-http1", hx, loopback_server.url)
+    assert result["checked"] >= 1
+    assert result["during"] == []
+
+
 def test_an_http2_client_keeps_its_objects_laid_out(
     hx: Any,
     loopback_server_factory: Any,

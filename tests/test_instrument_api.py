@@ -129,9 +129,9 @@ def test_uninstrument_restores_the_client_as_it_was(
         poolwatch.instrument(client)
         client.get(f"{loopback_server.url}/ok")
         (conn,) = pool.connections
-        poolwatch.snapshot(client)  # which keeps the socket's fileno on the connection
+        poolwatch.snapshot(client)  # which polls the idle socket
         assert "handle_request" in conn.__dict__
-        assert conn._connection.__dict__.keys() > httpcore_own  # the release hook, the fileno
+        assert conn._connection.__dict__.keys() > httpcore_own  # the release hook
         poolwatch.uninstrument(client)
         assert pool.__dict__.keys() == before.keys()
         assert "handle_request" not in conn.__dict__
