@@ -489,6 +489,9 @@ class _Release:
     httpcore also calls it when a request fails before its headers arrive; then no request
     is current (``_headers_arrived`` sets it), and the connection call's failure is handled
     there.
+
+    The request is taken before the release runs: once released, the connection may carry
+    another thread's request, whose headers would make that one current.
     """
 
     __slots__ = ("inner", "method", "site")
@@ -498,32 +501,36 @@ class _Release:
         self.inner = inner
         self.method = getattr(type(inner), _RELEASE)
 
-    def released(self) -> None:
+    def take(self) -> RequestRecord | None:
+        """The request whose response is being released; no longer current."""
         site = self.site
         rec = site.current
-        if rec is not None:
-            site.current = None
-            _stream_closed(site, rec)
+        site.current = None
+        return rec
 
 
 class _AsyncRelease(_Release):
     __slots__ = ()
 
     async def __call__(self) -> None:
+        rec = self.take()
         try:
             await self.method(self.inner)
         finally:
-            self.released()
+            if rec is not None:
+                _stream_closed(self.site, rec)
 
 
 class _SyncRelease(_Release):
     __slots__ = ()
 
     def __call__(self) -> None:
+        rec = self.take()
         try:
             self.method(self.inner)
         finally:
-            self.released()
+            if rec is not None:
+                _stream_closed(self.site, rec)
 
 
 def _hook_release(site: _Site, inner: Any, closer: type[_StreamClose]) -> bool:

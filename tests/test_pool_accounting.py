@@ -5,6 +5,7 @@ trio."""
 from __future__ import annotations
 
 import gc
+import importlib
 import select
 import socket
 import ssl
@@ -256,6 +257,56 @@ def test_sync_clients_shared_by_eight_threads_count_every_request(
         assert_at_rest(snap)
         assert snap.idle_connections == httpcore_view(client).idle == stats.open_connections
         assert snap.origins[0].time_in_queue.count == 80
+
+
+def test_a_connection_another_thread_takes_the_moment_it_is_released_ends_the_right_request(
+    hx: Any, loopback_server: LoopbackServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # poolwatch learns an HTTP/1.1 request's end at its connection's release. httpcore 1.0.9
+    # may hand the released connection to another thread's request before the releasing
+    # thread runs on: here that request reaches its headers inside the release itself.
+    # (httpcore2 hands it over only once the releasing request has left the pool.)
+    httpcore = importlib.import_module("httpcore" if hx.__name__ == "httpx" else "httpcore2")
+    original = httpcore.HTTP11Connection._response_closed
+    url = f"{loopback_server.url}/ok"
+    armed = threading.Event()
+    headers = threading.Event()
+    held: list[Any] = []
+    others: list[threading.Thread] = []
+    inside: list[bool] = []
+
+    def other_request() -> None:
+        held.append(client.send(client.build_request("GET", url), stream=True))
+        headers.set()
+
+    def release_then_let_another_thread_in(self: Any) -> None:
+        original(self)
+        if armed.is_set():
+            armed.clear()
+            others.append(threading.Thread(target=other_request))
+            others[0].start()
+            inside.append(headers.wait(timeout=1.0))
+
+    monkeypatch.setattr(
+        httpcore.HTTP11Connection, "_response_closed", release_then_let_another_thread_in
+    )
+    with hx.Client(limits=hx.Limits(max_connections=1)) as client:
+        poolwatch.instrument(client)
+        client.get(url).raise_for_status()
+        armed.set()
+        client.get(url).raise_for_status()
+        others[0].join(timeout=10)
+        assert inside == [hx.__name__ == "httpx"]
+        assert len(held) == 1
+        snap = poolwatch.snapshot(client)
+        assert snap.active_requests == 1  # the other thread's, its response still open
+        assert snap.active_connections == 1
+        held[0].close()
+        snap = poolwatch.snapshot(client)
+    assert_at_rest(snap)
+    assert snap.requests_total == 3 == loopback_server.stats.requests
+    assert snap.connections_created_total == 1 == loopback_server.stats.accepted_connections
+    assert snap.request_duration.count == 3
 
 
 def test_sync_pool_timeouts_are_counted_from_threads(
