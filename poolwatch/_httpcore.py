@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import math
 import select
 import socket
@@ -439,15 +440,28 @@ _MISSING = object()
 
 def instance_attr(obj: Any, name: str) -> Any | None:
     """What ``obj`` has under ``name`` on itself, shadowing its class (a patch, ours or
-    another library's); ``None`` when it has only its class's. Never reads ``obj.__dict__``."""
+    another library's); ``None`` when it has only its class's, even when that is a wrapper
+    another library put on the class. Never reads ``obj.__dict__``."""
     value = getattr(obj, name, None)
     if value is None:
         return None
-    own = getattr(type(obj), name, _MISSING)
+    cls = type(obj)
+    if getattr(value, "__self__", None) is obj and getattr(value, "__func__", None) is getattr(
+        cls, name, None
+    ):
+        return None  # the class's own function, bound to obj: the common case, made quick
+    own = inspect.getattr_static(cls, name, _MISSING)  # the class's, unbound, no lookup
+    if own is _MISSING:
+        return value
     if value is own:
         return None
-    if getattr(value, "__self__", None) is obj and getattr(value, "__func__", None) is own:
-        return None  # the class's own method, bound to obj
+    bind = getattr(type(own), "__get__", None)
+    if bind is not None:
+        try:
+            if value == bind(own, obj, cls):  # the class's method (or wrapper), bound to obj
+                return None
+        except Exception:  # a descriptor that cannot be bound again: count it as the object's
+            return value
     return value
 
 

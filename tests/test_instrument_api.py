@@ -142,6 +142,31 @@ def test_uninstrument_restores_the_client_as_it_was(
         poolwatch.uninstrument(client)  # twice is fine
 
 
+def test_uninstrument_leaves_nothing_on_a_pool_whose_class_another_library_wrapped(
+    hx: Any, loopback_server: LoopbackServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wrapt  # what opentelemetry-instrumentation wraps classes with
+
+    url = f"{loopback_server.url}/ok"
+    calls: list[object] = []
+
+    def wrapper(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        calls.append(instance)
+        return wrapped(*args, **kwargs)
+
+    with hx.Client() as client:
+        pool = client._transport._pool
+        cls = type(pool)
+        monkeypatch.setattr(cls, "handle_request", cls.handle_request)  # restored afterwards
+        wrapt.wrap_function_wrapper(cls, "handle_request", wrapper)
+        poolwatch.instrument(client)
+        client.get(url).raise_for_status()
+        poolwatch.uninstrument(client)
+        assert "handle_request" not in pool.__dict__  # the class's wrapper, not pinned on it
+        client.get(url).raise_for_status()
+    assert calls == [pool, pool]  # under poolwatch and after it
+
+
 def test_a_custom_transport_without_a_pool_still_gets_request_level_figures(hx: Any) -> None:
     def handler(request: Any) -> Any:
         if request.url.path == "/boom":
