@@ -441,7 +441,11 @@ _MISSING = object()
 def instance_attr(obj: Any, name: str) -> Any | None:
     """What ``obj`` has under ``name`` on itself, shadowing its class (a patch, ours or
     another library's); ``None`` when it has only its class's, even when that is a wrapper
-    another library put on the class. Never reads ``obj.__dict__``."""
+    another library put on the class. Never reads ``obj.__dict__``.
+
+    Meant for methods of classes without ``__slots__`` (httpcore's): a value kept in a slot
+    reads as the class's, and a property that makes a new object each time as the object's.
+    """
     value = getattr(obj, name, None)
     if value is None:
         return None

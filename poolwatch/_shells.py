@@ -188,9 +188,13 @@ def detach_connection(conn: Any) -> None:
     """Remove what ``watch_connection()`` attached to a connection."""
     for name in ("handle_async_request", "handle_request", "aclose", "close"):
         _httpcore.remove_instance_attr(conn, name)
-    inner = _httpcore.inner_connection(conn)
-    if inner is not None and isinstance(getattr(inner, _RELEASE, None), _Release):
-        delattr(inner, _RELEASE)
+    inner = conn
+    for _ in range(3):  # a forward proxy's connection holds an HTTPConnection that holds it
+        inner = _httpcore.inner_connection(inner)
+        release = getattr(inner, _RELEASE, None) if inner is not None else None
+        if isinstance(release, _Release):
+            release.detach()
+            break
     _httpcore.forget_socket(conn)
 
 
@@ -494,19 +498,33 @@ class _Release:
     another thread's request, whose headers would make that one current.
     """
 
-    __slots__ = ("inner", "method", "site")
+    __slots__ = ("detached", "inner", "site")
 
     def __init__(self, site: _Site, inner: Any) -> None:
         self.site = site
         self.inner = inner
-        self.method = getattr(type(inner), _RELEASE)
+        #: ``uninstrument()`` came while a response was open: gone after its release.
+        self.detached = False
 
     def take(self) -> RequestRecord | None:
         """The request whose response is being released; no longer current."""
         site = self.site
         rec = site.current
         site.current = None
+        if self.detached:
+            self.remove()
         return rec
+
+    def detach(self) -> None:
+        """Remove this hook now, or after the release of the response open now."""
+        if self.site.current is None:
+            self.remove()
+        else:
+            self.detached = True
+
+    def remove(self) -> None:
+        if getattr(self.inner, _RELEASE, None) is self:
+            delattr(self.inner, _RELEASE)
 
 
 class _AsyncRelease(_Release):
@@ -515,7 +533,8 @@ class _AsyncRelease(_Release):
     async def __call__(self) -> None:
         rec = self.take()
         try:
-            await self.method(self.inner)
+            inner = self.inner
+            await getattr(type(inner), _RELEASE)(inner)  # the class's, as it is now
         finally:
             if rec is not None:
                 _stream_closed(self.site, rec)
@@ -527,7 +546,8 @@ class _SyncRelease(_Release):
     def __call__(self) -> None:
         rec = self.take()
         try:
-            self.method(self.inner)
+            inner = self.inner
+            getattr(type(inner), _RELEASE)(inner)  # the class's, as it is now
         finally:
             if rec is not None:
                 _stream_closed(self.site, rec)

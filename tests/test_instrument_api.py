@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 import poolwatch
+from poolwatch import _api
 from poolwatch._loopback import LoopbackServer
 
 
@@ -165,6 +166,45 @@ def test_uninstrument_leaves_nothing_on_a_pool_whose_class_another_library_wrapp
         assert "handle_request" not in pool.__dict__  # the class's wrapper, not pinned on it
         client.get(url).raise_for_status()
     assert calls == [pool, pool]  # under poolwatch and after it
+
+
+def test_a_response_open_at_uninstrument_still_ends_its_request_when_closed(
+    hx: Any, loopback_server: LoopbackServer
+) -> None:
+    with hx.Client() as client:
+        poolwatch.instrument(client)
+        core = _api._lookup(client).core  # type: ignore[union-attr]
+        with client.stream("GET", f"{loopback_server.url}/ok") as response:
+            poolwatch.uninstrument(client)
+            response.read()
+        (conn,) = client._transport._pool.connections
+        assert core.active == 0  # ended at its close, not left for the leak detector
+        assert core.leaked_count == 0
+        assert core.request_duration.snapshot().count == 1
+        assert "_response_closed" not in conn._connection.__dict__  # the hook went with it
+        assert client.get(f"{loopback_server.url}/ok").status_code == 200
+    gc.collect()
+    assert core.leaked_count == 0
+
+
+def test_uninstrument_restores_a_forward_proxy_s_connections(
+    hx: Any, loopback_server: LoopbackServer
+) -> None:
+    # http:// through a proxy: the pool's connection holds an HTTPConnection, which holds
+    # the HTTP/1.1 connection whose release poolwatch hooks.
+    with hx.Client(proxy=loopback_server.url) as client:
+        poolwatch.instrument(client)
+        assert client.get("http://example.invalid/ok").status_code == 200
+        (transport,) = [t for t in client._mounts.values() if t is not None]
+        (conn,) = transport._pool.connections
+        http11 = conn._connection._connection
+        assert "_response_closed" in http11.__dict__
+        poolwatch.uninstrument(client)
+        assert "_response_closed" not in http11.__dict__
+        poolwatch.instrument(client)  # and again: the release is hooked anew
+        assert client.get("http://example.invalid/ok").status_code == 200
+        assert poolwatch.snapshot(client).requests_total == 1
+        assert "_response_closed" in http11.__dict__
 
 
 def test_a_custom_transport_without_a_pool_still_gets_request_level_figures(hx: Any) -> None:
