@@ -3,12 +3,11 @@
 ``python host_objects_worker.py SCENARIO FAMILY URL [CA_PEM]`` runs one scenario through an
 instrumented client and prints, as JSON, how many of httpcore's objects it checked and the
 classes of those whose attributes were moved into a dictionary, before and after
-``uninstrument()``. Its own process, because in the full test session, after
-``test_cardinality.py``'s proxy runs (1,000 hosts, scrapes), a fresh ``HTTPConnection`` moved
-to a dictionary as poolwatch set its hooks. Most likely the class's shared set of attribute
-names (CPython keeps at most 30 per class for inline values) was full by then, so any new name
-moves an instance, whoever sets it; the same traffic in a plain interpreter did not do it,
-and what filled the set is not pinned down.
+``uninstrument()``. Its own process, because once a class has ~28 instances CPython 3.11 lets
+only one more attribute name into the layout its instances share, and poolwatch gives the
+pooled connection class two (its request call and its close). In the full test session
+``test_cardinality.py``'s proxy runs make 1,000 ``HTTPConnection`` objects without them first,
+so the next directly watched one moves to a dictionary: the limit the README states.
 """
 
 from __future__ import annotations
