@@ -413,11 +413,13 @@ def released_connection(stream: Any) -> Any | None:
     return getattr(stream, "_connection", None) if known else None
 
 
+#: The HTTP/1.1 connection's method that releases it when a response closes.
+RELEASE = "_response_closed"
+
+
 def can_hook_release(inner: Any) -> bool:
     """Whether ``inner`` has its class's own ``_response_closed()`` (nobody replaced it)."""
-    return callable(getattr(type(inner), "_response_closed", None)) and (
-        instance_attr(inner, "_response_closed") is None
-    )
+    return callable(getattr(type(inner), RELEASE, None)) and instance_attr(inner, RELEASE) is None
 
 
 def inner_connection(conn: Any) -> Any | None:
@@ -427,7 +429,7 @@ def inner_connection(conn: Any) -> Any | None:
 
 def forget_socket(conn: Any) -> None:
     """Remove what ``IdleSockets`` kept on a connection."""
-    inner = getattr(conn, "_connection", None)
+    inner = inner_connection(conn)
     if inner is not None:
         with contextlib.suppress(TypeError):
             _FILENOS.pop(inner, None)

@@ -482,7 +482,7 @@ def _stream_closed(site: _Site, rec: RequestRecord) -> None:
 
 
 #: The name of the HTTP/1.1 connection method ``_Release`` replaces.
-_RELEASE = "_response_closed"
+_RELEASE = _httpcore.RELEASE
 
 
 class _Release:
