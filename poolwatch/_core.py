@@ -87,16 +87,7 @@ class OriginStats:
 class ConnRecord:
     """What poolwatch knows of one pooled connection (the connection object is httpcore's)."""
 
-    __slots__ = (
-        "closed",
-        "connected",
-        "http_version",
-        "inflight",
-        "maybe_h2",
-        "origin",
-        "site",
-        "t_open",
-    )
+    __slots__ = ("closed", "connected", "http_version", "inflight", "maybe_h2", "origin", "t_open")
 
     def __init__(self, origin: OriginStats, *, maybe_h2: bool, connected: bool = False) -> None:
         self.origin = origin
@@ -110,8 +101,6 @@ class ConnRecord:
         self.http_version: str | None = None
         self.t_open: float | None = None
         self.closed = False
-        #: The shells' handle on the connection, opaque to the core.
-        self.site: Any = None
 
 
 class RequestRecord:
@@ -372,15 +361,6 @@ class PoolCore:
         lock = self._lock
         lock.acquire()
         try:
-            previous = rec.conn
-            if previous is not None:
-                # A retry: the pool took its last connection back without the shells seeing
-                # the exception that said so (see ``Flavour.assigns_exactly``).
-                previous.inflight -= 1
-                if not rec.pending:
-                    rec.pending = True
-                    self.pending += 1
-                rec.t_queue_end = rec.t_ready = None
             rec.conn = conn
             conn.inflight += 1
             if end_queue and rec.pending:

@@ -83,18 +83,6 @@ class Flavour:
     def pool_timeouts(self) -> tuple[type[BaseException], ...]:
         return (self.httpcore.PoolTimeout, self.httpx.PoolTimeout)
 
-    @property
-    def assigns_exactly(self) -> bool:
-        """The pool hands an idle connection to one queued request only, so a request on a
-        connected HTTP/1.1 connection does not come back with ``ConnectionNotAvailable``
-        but through a race it cannot cause itself.
-
-        httpcore2 does (pydantic/httpx2#1075). httpcore 1.0.9 hands it to every queued
-        request, and all but one go round the pool's retry loop (encode/httpcore#822): its
-        connection calls need a frame that sees that exception.
-        """
-        return self.httpcore.__name__ == "httpcore2"
-
     def is_async_client(self, obj: object) -> bool:
         return isinstance(obj, self.httpx.AsyncClient)
 
@@ -423,25 +411,6 @@ def released_connection(stream: Any) -> Any | None:
             and cls.__module__.partition(".")[0] in ("httpcore", "httpcore2")
         )
     return getattr(stream, "_connection", None) if known else None
-
-
-_POOL_STREAMS: dict[type, bool] = {}
-
-
-def connection_stream(stream: Any) -> Any:
-    """The connection's response stream inside a pool's (httpcore's ``PoolByteStream``, which
-    tells the pool when it closes); ``stream`` itself when it is not a pool's."""
-    cls = type(stream)
-    known = _POOL_STREAMS.get(cls)
-    if known is None:
-        known = _POOL_STREAMS[cls] = cls.__name__ == "PoolByteStream" and cls.__module__.partition(
-            "."
-        )[0] in ("httpcore", "httpcore2")
-    if known:
-        inner = getattr(stream, "_stream", None)
-        if inner is not None:
-            return inner
-    return stream
 
 
 #: The HTTP/1.1 connection's method that releases it when a response closes.

@@ -3,16 +3,11 @@
 poolwatch sits at three places inside an httpcore pool, as instance attributes:
 
 ``pool.handle_(async_)request``
-    the request enters (pending, active); the response's headers come back (the request
-    is on its connection: reuse, first byte) or an exception does (in the queue, or in the
-    connection's call). Its frame is the one poolwatch keeps in a request's chain of awaits.
+    the request enters (pending, active) and, on an exception, leaves.
 ``pool.create_connection`` and each connection's ``handle_(async_)request``
-    the pool handed a connection to the request: the queue wait ends. On a connected
-    HTTP/1.1 connection of a pool that assigns exactly (httpcore2) that is all: the call
-    returns httpcore's own coroutine, adding no frame. A request that opens a new connection
-    or may wait for an HTTP/2 stream slot gets a trace callback for that call only, which
-    times connect and TLS, and httpcore 1.0.9's calls, which its pool may take back
-    (``ConnectionNotAvailable``), get a frame that sees it.
+    the pool handed a connection to the request: the queue wait ends. A request that opens
+    a new connection (or may be waiting for an HTTP/2 stream slot) gets a trace callback for
+    that call only, which times connect and TLS; every other request runs without one.
 the HTTP/1.1 connection's ``_response_closed``, else the response stream's ``aclose`` / ``close``
     the connection is released: the request is over. httpcore calls them on every ending,
     closed by the caller, fully read, or failed mid-body; a stream garbage-collected without
@@ -124,19 +119,12 @@ def _start(core: PoolCore, request: Any, hooks: Hooks) -> RequestRecord | None:
 def _failed(
     core: PoolCore, rec: RequestRecord, exc: BaseException, flavour: Flavour, hooks: Hooks
 ) -> None:
-    """An exception left the pool: in its queue, or in the connection's call."""
-    pool_timeout = isinstance(exc, flavour.pool_timeouts)
     try:
-        conn = rec.conn
-        if conn is not None:
-            if pool_timeout:  # back in the queue after a retry, and timed out there
-                core.requeue(rec)
-            else:
-                core.call_failed(rec)
-                site = conn.site
-                if site is not None and (site.conn.is_closed() or not conn.connected):
-                    _connection_gone(core, conn, site.key, hooks)
-        finished = core.finish(rec, error_type=error_type_of(exc), pool_timeout=pool_timeout)
+        finished = core.finish(
+            rec,
+            error_type=error_type_of(exc),
+            pool_timeout=isinstance(exc, flavour.pool_timeouts),
+        )
     except Exception as err:
         report_internal_error("request failure bookkeeping", err)
         return
@@ -150,28 +138,22 @@ def _failed(
 def async_pool_entry(
     core: PoolCore, pool: Any, previous: Any, flavour: Flavour, hooks: Hooks
 ) -> Callable[[Any], Awaitable[Any]]:
-    """The replacement for ``pool.handle_async_request``: the one frame poolwatch keeps in a
-    request's chain of awaits until its headers arrive."""
+    """The replacement for ``pool.handle_async_request``."""
     cls = type(pool)
-    pool_site = _Site(core, None, None, flavour, hooks)
 
     async def handle_async_request(request: Any) -> Any:
         rec = _start(core, request, hooks)
         token = _CURRENT.set(rec)
         try:
             if previous is not None:
-                response = await previous(request)
-            else:
-                response = await cls.handle_async_request(pool, request)
+                return await previous(request)
+            return await cls.handle_async_request(pool, request)
         except BaseException as exc:
             if rec is not None:
                 _failed(core, rec, exc, flavour, hooks)
             raise
         finally:
             _CURRENT.reset(token)
-        if rec is not None:
-            _headers_arrived(pool_site, rec, response, _AsyncStreamClose)
-        return response
 
     return handle_async_request
 
@@ -181,25 +163,20 @@ def sync_pool_entry(
 ) -> Callable[[Any], Any]:
     """The replacement for ``pool.handle_request``."""
     cls = type(pool)
-    pool_site = _Site(core, None, None, flavour, hooks)
 
     def handle_request(request: Any) -> Any:
         rec = _start(core, request, hooks)
         token = _CURRENT.set(rec)
         try:
             if previous is not None:
-                response = previous(request)
-            else:
-                response = cls.handle_request(pool, request)
+                return previous(request)
+            return cls.handle_request(pool, request)
         except BaseException as exc:
             if rec is not None:
                 _failed(core, rec, exc, flavour, hooks)
             raise
         finally:
             _CURRENT.reset(token)
-        if rec is not None:
-            _headers_arrived(pool_site, rec, response, _SyncStreamClose)
-        return response
 
     return handle_request
 
@@ -239,7 +216,7 @@ def watch_connection(
         maybe_h2=_httpcore.may_speak_http2(pool, scheme),
         connected=connected,
     )
-    site = record.site = _Site(core, conn, record, flavour, hooks)
+    site = _Site(core, conn, record, flavour, hooks)
     core.add_connection(site.key, record)
     cls = type(conn)
     if is_async:
@@ -277,8 +254,13 @@ class _Site:
         self.current: RequestRecord | None = None
 
 
-def _enter_connection(site: _Site, rec: RequestRecord, request: Any, is_async: bool) -> Any:
-    """Bookkeeping as a request enters a connection; returns the extensions to restore."""
+def _enter_connection(
+    site: _Site, request: Any, is_async: bool
+) -> tuple[RequestRecord | None, Any]:
+    """Bookkeeping as a request enters a connection; returns (rec, extensions to restore)."""
+    rec = _CURRENT.get()
+    if rec is None or rec.done:
+        return None, None
     record = site.record
     assert record is not None
     traced = record.maybe_h2 or not record.connected
@@ -286,7 +268,7 @@ def _enter_connection(site: _Site, rec: RequestRecord, request: Any, is_async: b
     try:
         core.acquire(rec, record, not record.maybe_h2)
         if not traced:
-            return None
+            return rec, None
         saved = request.extensions
         user_trace = saved.get("trace")
         request.extensions = {
@@ -295,27 +277,18 @@ def _enter_connection(site: _Site, rec: RequestRecord, request: Any, is_async: b
         }
     except Exception as exc:
         report_internal_error("connection acquire", exc)
-        return None
-    return saved
+        return rec, None
+    return rec, saved
 
 
 def _headers_arrived(
-    pool_site: _Site, rec: RequestRecord, response: Any, closer: type[_StreamClose]
+    site: _Site, rec: RequestRecord, response: Any, closer: type[_StreamClose]
 ) -> None:
-    """The pool returned the response headers: watch for the request's end.
-
-    ``pool_site`` stands in for a connection poolwatch does not watch.
-    """
-    conn = rec.conn
-    site = conn.site if conn is not None and conn.site is not None else pool_site
-    stream = _httpcore.connection_stream(response.stream)
+    """The connection call returned the response headers: watch for the request's end."""
+    stream = response.stream
     inner = _httpcore.released_connection(stream)
     ref: _StreamRef | None
-    if (
-        inner is not None
-        and site.record is not None  # a connection's own site: one response at a time
-        and (inner is site.inner or _hook_release(site, inner, closer))
-    ):
+    if inner is not None and (inner is site.inner or _hook_release(site, inner, closer)):
         site.current = rec
         try:
             ref = _StreamRef(stream, _stream_collected)  # what detects a leak
@@ -351,66 +324,62 @@ def _requeue(core: PoolCore, rec: RequestRecord) -> None:
         report_internal_error("requeue bookkeeping", exc)
 
 
-def _async_connection_call(site: _Site, cls: type) -> Callable[[Any], Awaitable[Any]]:
-    """The replacement for a connection's ``handle_async_request``.
-
-    Not a coroutine function: on a connected HTTP/1.1 connection of a pool that assigns
-    exactly, it notes the acquire and returns httpcore's own coroutine, so no frame of
-    poolwatch's sits in the request's chain of awaits, which every resumption walks. The
-    response and any failure reach the pool's entry. Otherwise ``_async_watched_call`` does.
-    """
-    conn = site.conn
-    record = site.record
-    assert record is not None
-    exact = site.flavour.assigns_exactly
-
-    def handle_async_request(request: Any) -> Awaitable[Any]:
-        rec = _CURRENT.get()
-        if rec is not None and not rec.done:
-            if not exact or record.maybe_h2 or not record.connected:
-                return _async_watched_call(site, cls, rec, request)
-            try:
-                site.core.acquire(rec, record, True)
-            except Exception as exc:
-                report_internal_error("connection acquire", exc)
-        return cls.handle_async_request(conn, request)  # type: ignore[attr-defined,no-any-return]
-
-    return handle_async_request
-
-
-async def _async_watched_call(site: _Site, cls: type, rec: RequestRecord, request: Any) -> Any:
-    """A connection call that may come back with ``ConnectionNotAvailable`` (the request
-    goes back to the queue) or carries a trace callback (connect, TLS, HTTP/2 waits)."""
-    saved = _enter_connection(site, rec, request, is_async=True)
+def _connection_call_failed(site: _Site, rec: RequestRecord) -> None:
     try:
-        return await cls.handle_async_request(site.conn, request)  # type: ignore[attr-defined]
-    except site.cna:
-        _requeue(site.core, rec)
-        raise
-    finally:
-        if saved is not None:
-            request.extensions = saved
+        site.core.call_failed(rec)
+        record = site.record
+        if record is not None and (site.conn.is_closed() or not record.connected):
+            _connection_gone(site.core, record, site.key, site.hooks)
+    except Exception as exc:
+        report_internal_error("connection failure bookkeeping", exc)
 
 
-def _sync_connection_call(site: _Site, cls: type) -> Callable[[Any], Any]:
-    """The replacement for a connection's ``handle_request``: a frame costs a sync call
-    nothing on resumption, so it always sees ``ConnectionNotAvailable``."""
+def _async_connection_call(site: _Site, cls: type) -> Callable[[Any], Awaitable[Any]]:
     conn = site.conn
     cna = site.cna
 
-    def handle_request(request: Any) -> Any:
-        rec = _CURRENT.get()
-        if rec is None or rec.done:
-            return cls.handle_request(conn, request)  # type: ignore[attr-defined]
-        saved = _enter_connection(site, rec, request, is_async=False)
+    async def handle_async_request(request: Any) -> Any:
+        rec, saved = _enter_connection(site, request, is_async=True)
+        if rec is None:
+            return await cls.handle_async_request(conn, request)  # type: ignore[attr-defined]
         try:
-            return cls.handle_request(conn, request)  # type: ignore[attr-defined]
+            response = await cls.handle_async_request(conn, request)  # type: ignore[attr-defined]
         except cna:
             _requeue(site.core, rec)
+            raise
+        except BaseException:
+            _connection_call_failed(site, rec)
             raise
         finally:
             if saved is not None:
                 request.extensions = saved
+        _headers_arrived(site, rec, response, _AsyncStreamClose)
+        return response
+
+    return handle_async_request
+
+
+def _sync_connection_call(site: _Site, cls: type) -> Callable[[Any], Any]:
+    conn = site.conn
+    cna = site.cna
+
+    def handle_request(request: Any) -> Any:
+        rec, saved = _enter_connection(site, request, is_async=False)
+        if rec is None:
+            return cls.handle_request(conn, request)  # type: ignore[attr-defined]
+        try:
+            response = cls.handle_request(conn, request)  # type: ignore[attr-defined]
+        except cna:
+            _requeue(site.core, rec)
+            raise
+        except BaseException:
+            _connection_call_failed(site, rec)
+            raise
+        finally:
+            if saved is not None:
+                request.extensions = saved
+        _headers_arrived(site, rec, response, _SyncStreamClose)
+        return response
 
     return handle_request
 

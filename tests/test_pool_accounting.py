@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import gc
 import importlib
-import os
 import select
 import socket
 import ssl
@@ -19,7 +18,6 @@ from truth import await_until, httpcore_view, wait_until
 
 import poolwatch
 from poolwatch import _api, _httpcore
-from poolwatch._core import ConnRecord, PoolCore
 from poolwatch._loopback import LoopbackServer
 
 
@@ -501,6 +499,8 @@ def test_https_over_http1_times_the_tls_handshake_of_each_new_connection(
 
 
 def test_a_url_with_the_default_port_and_its_connection_are_one_origin() -> None:
+    from poolwatch._core import PoolCore
+
     core = PoolCore("ports")
     assert core.origin((b"http", b"api.test", None)) is core.origin((b"http", b"api.test", 80))
     assert core.origin((b"https", b"api.test", None)) is core.origin((b"https", b"api.test", 443))
@@ -529,87 +529,6 @@ def test_on_http1_only_the_request_that_opens_a_connection_carries_a_trace_callb
             client.get(f"{loopback_server.url}/ok")
         assert poolwatch.snapshot(client).requests_total == 10
     assert len(traced) == 1
-
-
-def test_a_request_awaiting_its_headers_carries_poolwatch_frames_only_where_they_are_needed(
-    hx: Any, loopback_server: LoopbackServer
-) -> None:
-    # Every resumption of a request walks its whole chain of awaits, frame by frame. On a
-    # connected HTTP/1.1 connection poolwatch keeps one frame there, the pool's entry, when
-    # the pool hands a connection to one request only (httpcore2); and a second around the
-    # connection call when the pool may take it back (httpcore 1.0.9's retry loop).
-    import asyncio
-
-    async def chain_while_waiting() -> list[Any]:
-        async with hx.AsyncClient() as client:
-            poolwatch.instrument(client)
-            await client.get(f"{loopback_server.url}/ok")  # open, and known to be HTTP/1.1
-            task = asyncio.ensure_future(client.get(f"{loopback_server.url}/delay?s=0.5"))
-            stats = loopback_server.stats
-            await await_until(
-                lambda: stats.requests == 2 and stats.in_flight_requests == 1,
-                what="the second request at the server",
-            )
-            codes = []
-            awaitable: Any = task.get_coro()
-            while hasattr(awaitable, "cr_code") or hasattr(awaitable, "gi_code"):
-                codes.append(getattr(awaitable, "cr_code", None) or awaitable.gi_code)
-                awaitable = getattr(awaitable, "cr_await", None) or getattr(
-                    awaitable, "gi_yieldfrom", None
-                )
-            assert (await task).status_code == 200
-            assert poolwatch.snapshot(client).reused_requests_total == 1
-        return codes
-
-    codes = asyncio.run(chain_while_waiting())
-    package = os.path.dirname(poolwatch.__file__)
-    ours = [c.co_qualname for c in codes if c.co_filename.startswith(package)]
-    # The chain reaches down to the HTTP/1.1 connection waiting for the response headers.
-    assert any(c.co_qualname == "AsyncHTTP11Connection._receive_event" for c in codes)
-    entry = "async_pool_entry.<locals>.handle_async_request"
-    if _httpcore.flavour_of(hx.AsyncClient()).assigns_exactly:  # type: ignore[union-attr]
-        assert hx.__name__ == "httpx2"
-        assert ours == [entry]
-    else:
-        assert ours == [entry, "_async_watched_call"]
-
-
-def test_a_retry_the_shells_did_not_see_moves_the_request_to_its_new_connection() -> None:
-    # On a pool that assigns exactly, a connected HTTP/1.1 connection's call returns
-    # httpcore's coroutine and never sees ConnectionNotAvailable; should a race raise it
-    # anyway, the pool's retry calls the next connection, whose acquire must move the
-    # request over rather than count it on both.
-    core = PoolCore("retry")
-    origin = core.origin((b"http", b"api.test", 80))
-    first = ConnRecord(origin, maybe_h2=False, connected=True)
-    second = ConnRecord(origin, maybe_h2=False, connected=True)
-    rec = core.start(origin)
-    core.acquire(rec, first, True)
-    core.acquire(rec, second, True)
-    assert (first.inflight, second.inflight, core.pending, rec.conn) == (0, 1, 0, second)
-    core.headers(rec, 200, "1.1")
-    assert core.finish(rec)
-    assert (first.inflight, second.inflight, origin.requests_reused) == (0, 0, 1)
-    assert origin.time_in_queue.snapshot().count == 1
-    assert core.snapshot().active_requests == 0
-
-
-def test_a_pool_timeout_after_an_unseen_retry_is_a_wait_that_timed_out(hx: Any) -> None:
-    # The request still points at the connection it was taken back from: the timeout says
-    # it was waiting in the queue, so it is no request on that connection.
-    from poolwatch import _shells
-
-    flavour = _httpcore.flavour_of(hx.Client())
-    assert flavour is not None
-    core = PoolCore("retry")
-    origin = core.origin((b"http", b"api.test", 80))
-    conn = ConnRecord(origin, maybe_h2=False, connected=True)
-    rec = core.start(origin)
-    core.acquire(rec, conn, True)
-    _shells._failed(core, rec, hx.PoolTimeout("no connection"), flavour, _shells.Hooks())
-    assert (conn.inflight, core.pending, origin.timeouts) == (0, 0, 1)
-    assert (origin.requests_new, origin.requests_reused) == (0, 0)
-    assert origin.errors == {"PoolTimeout": 1}
 
 
 def test_an_error_in_the_middle_of_the_body_is_counted_by_its_type(
