@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import importlib
 import logging
+import os
 import socket
 import ssl
 import threading
@@ -1038,3 +1039,69 @@ def test_by_default_only_the_pool_histograms_cost_a_record_per_request(
     assert metrics["poolwatch.connection.connect_time"].data.data_points[0].count == 1
     assert "poolwatch.request.duration" not in metrics
     assert "poolwatch.request.time_to_first_byte" not in metrics
+
+
+def test_histogram_values_reach_the_sdk_at_the_next_collection_with_their_requests_trace(
+    hx: Any, otel: Otel, loopback_server: LoopbackServer
+) -> None:
+    # poolwatch records its histograms in a batch when a collection begins, each value with
+    # the context its request ran in: the SDK's exemplar still points at that request's trace,
+    # though the collection runs outside it.
+    tracer = otel.tracer_provider.get_tracer("the-application")
+    with hx.Client() as client:
+        poolwatch.instrument(client, name="otel-exemplars")
+        with tracer.start_as_current_span("handle-job") as job:
+            client.get(f"{loopback_server.url}/ok")
+    metrics = otel.metrics("otel-exemplars")
+    (point,) = metrics["http.client.request.time_in_queue"].data.data_points
+    assert point.count == 1
+    assert [e.trace_id for e in point.exemplars] == [job.get_span_context().trace_id]
+
+
+def test_histogram_values_waiting_for_the_sdk_stay_few_when_nothing_collects(
+    hx: Any, loopback_server: LoopbackServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(poolwatch.otel, "_RECORD_AT", 8)
+    otel = make_otel()
+    exporter = poolwatch.otel._enabled[-1]
+    with hx.Client() as client:
+        poolwatch.instrument(client, name="otel-bounded")
+        for _ in range(20):
+            client.get(f"{loopback_server.url}/ok")
+            assert len(exporter._pending) < 8
+    metrics = otel.metrics("otel-bounded")
+    assert metrics["http.client.request.time_in_queue"].data.data_points[0].count == 20
+
+
+def test_histogram_values_reach_the_sdk_within_a_few_seconds_without_a_collection(
+    hx: Any, loopback_server: LoopbackServer
+) -> None:
+    otel = make_otel()
+    exporter = poolwatch.otel._enabled[-1]
+    with hx.Client() as client:
+        poolwatch.instrument(client, name="otel-recorder")
+        for _ in range(3):
+            client.get(f"{loopback_server.url}/ok")
+        wait_until(lambda: not exporter._pending, timeout=5.0, what="the recorder thread")
+    metrics = otel.metrics("otel-recorder")
+    assert metrics["http.client.request.time_in_queue"].data.data_points[0].count == 3
+
+
+def test_a_forked_worker_starts_without_its_parents_waiting_values_and_with_a_recorder(
+    hx: Any, loopback_server: LoopbackServer
+) -> None:
+    make_otel()
+    exporter = poolwatch.otel._enabled[-1]
+    with hx.Client() as client:
+        poolwatch.instrument(client, name="otel-fork")
+        with exporter._pending_lock:  # the recorder thread cannot take the value meanwhile
+            client.get(f"{loopback_server.url}/ok")
+            assert exporter._pending
+            pid = os.fork()
+            if pid == 0:  # the child: report through the exit code only
+                recorder = poolwatch.otel._recorder._thread
+                fine = not exporter._pending and recorder is not None and recorder.is_alive()
+                os._exit(0 if fine else 1)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    wait_until(lambda: not exporter._pending, timeout=5.0, what="the parent's recorder")
