@@ -206,6 +206,19 @@ class Setup:
             out["metrics_data"] = self.reader.get_metrics_data()
         return out
 
+    def settle(self) -> None:
+        """Do now, in this thread, the background work the last requests left behind: the span
+        processor's export and poolwatch's OTel histogram records (``paired.py`` calls it at
+        the end of each of the variant's blocks, so their CPU lands in that block and never in
+        a bare one; it stops poolwatch's recorder thread from doing it meanwhile)."""
+        if self.tracer_provider is not None:
+            self.tracer_provider.force_flush()
+        if self.poolwatch_otel:
+            import poolwatch.otel  # noqa: PLC0415
+
+            for exporter in poolwatch.otel._enabled:
+                exporter.record_pending()
+
     def pool_size(self) -> int:
         return len(self.pool.connections)
 

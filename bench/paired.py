@@ -219,6 +219,12 @@ async def _pairs(args: argparse.Namespace) -> dict[str, Any]:
         other = _Skeleton(args.family, args.concurrency, SKELETONS[args.variant])
     else:
         threshold = None if args.no_sampler else 0.8
+        if args.variant.startswith("poolwatch") and "otel" in args.variant:
+            import poolwatch.otel  # noqa: PLC0415 (the tree client.py put on the path)
+
+            # Its recorder thread would record during bare blocks too: settle() does it
+            # at the end of each of the variant's own blocks instead.
+            poolwatch.otel._RECORD_INTERVAL = 3600.0
         other = Setup(args.variant, args.family, args.concurrency, saturation_threshold=threshold)
     drivers = {
         "bare": Driver(bare.client, args.url, args.concurrency),
@@ -243,6 +249,8 @@ async def _pairs(args: argparse.Namespace) -> dict[str, Any]:
         for name in order:
             cpu = time.process_time()
             await drivers[name].timed(args.block)
+            if name == "other" and isinstance(other, Setup):
+                other.settle()  # its background work, in its own block
             block[name] = (time.process_time() - cpu) / args.block * 1e6
             per_request[name].append(block[name])
         ratios.append(block["other"] / block["bare"])
