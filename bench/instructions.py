@@ -62,22 +62,24 @@ def client(family: str, variant: str, url: str, requests: int, concurrency: int 
     asyncio.run(main())
 
 
-def count(
-    family: str, variant: str, url: str, requests: int, concurrency: int = 1, seed: int = 0
-) -> int:
+def callgrind(args: list[str], seed: int = 0) -> int:
+    """Instructions valgrind's callgrind counts for ``python ARGS`` at ``PYTHONHASHSEED=seed``."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "callgrind.out"
-        cmd = [
-            "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-            sys.executable, __file__, "--client", family, variant, url, str(requests),
-            "--concurrency", str(concurrency),
-        ]  # fmt: skip
+        cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable]
         env = {**os.environ, "PYTHONHASHSEED": str(seed)}
-        result = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+        result = subprocess.run([*cmd, *args], capture_output=True, text=True, check=True, env=env)
         found = re.search(r"Collected : (\d+)", result.stderr)
         if not found:
             raise RuntimeError(result.stderr[-2000:])
         return int(found.group(1))
+
+
+def count(
+    family: str, variant: str, url: str, requests: int, concurrency: int = 1, seed: int = 0
+) -> int:
+    args = [__file__, "--client", family, variant, url, str(requests)]
+    return callgrind([*args, "--concurrency", str(concurrency)], seed)
 
 
 def main() -> None:

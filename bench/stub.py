@@ -26,12 +26,8 @@ import asyncio
 import gc
 import importlib
 import os
-import re
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -108,22 +104,12 @@ async def _run(family: str, variant: str, requests: int, rounds: int, warmup: in
 
 
 def _instructions(family: str, variant: str, requests: int, seed: int) -> float:
-    counts = []
-    for n in (requests, 3 * requests):
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "callgrind.out"
-            cmd = [
-                "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-                sys.executable, __file__, "--family", family, "--variant", variant,
-                "--requests", str(n), "--rounds", "1",
-            ]  # fmt: skip
-            env = {**os.environ, "PYTHONHASHSEED": str(seed)}
-            done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
-            found = re.search(r"Collected : (\d+)", done.stderr)
-            if not found:
-                raise RuntimeError(done.stderr[-2000:])
-            counts.append(int(found.group(1)))
-    return (counts[1] - counts[0]) / (2 * requests)
+    from instructions import callgrind  # noqa: PLC0415 (bench/, on the path as the script's)
+
+    args = [__file__, "--family", family, "--variant", variant, "--rounds", "1"]
+    small = callgrind([*args, "--requests", str(requests)], seed)
+    large = callgrind([*args, "--requests", str(3 * requests)], seed)
+    return (large - small) / (2 * requests)
 
 
 def main() -> None:
