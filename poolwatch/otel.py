@@ -11,7 +11,7 @@ in batches: from a background thread once a second, and when a collection begins
 sees every value until then), each value with the context of the request it came from (the
 SDK's exemplars link to that request's trace). Run in a loop, the SDK's ``record()`` costs
 ~10 µs a call here; between a request's own work, with its code and data gone cold, more
-(``bench/paired.py``: ~11 µs less per request in all, httpx2 at C=1). Only a backlog of
+(``bench/paired.py``, httpx2 at C=1: 11 to 37 µs less per request in all). Only a backlog of
 ``_RECORD_AT`` values, should the thread fall behind, is recorded on the request path.
 
 Spans: when another instrumentation already made the HTTP CLIENT span of the request
@@ -452,9 +452,9 @@ class _Recorder:
     def _loop() -> None:
         while True:
             time.sleep(_RECORD_INTERVAL)
-            with _lock:
-                exporters = list(_enabled)
-            for exporter in exporters:
+            # Copied without ``_lock`` (one C call under the GIL): a fork while this thread
+            # held it would leave it held in the child, and its next ``enable()`` waiting.
+            for exporter in list(_enabled):
                 try:
                     exporter.record_pending()
                 except Exception as exc:
