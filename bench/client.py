@@ -210,7 +210,7 @@ class Setup:
         """Do now, in this thread, the background work the last requests left behind: the span
         processor's export and poolwatch's OTel histogram records (``paired.py`` calls it at
         the end of each of the variant's blocks, so their CPU lands in that block and never in
-        a bare one; it stops poolwatch's recorder thread from doing it meanwhile)."""
+        a bare one, and holds poolwatch's recorder thread off for the run)."""
         if self.tracer_provider is not None:
             self.tracer_provider.force_flush()
         if self.poolwatch_otel:

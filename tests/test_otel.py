@@ -1042,11 +1042,13 @@ def test_by_default_only_the_pool_histograms_cost_a_record_per_request(
 
 
 def test_histogram_values_reach_the_sdk_at_the_next_collection_with_their_requests_trace(
-    hx: Any, otel: Otel, loopback_server: LoopbackServer
+    hx: Any, otel: Otel, loopback_server: LoopbackServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # poolwatch records its histograms in a batch when a collection begins, each value with
     # the context its request ran in: the SDK's exemplar still points at that request's trace,
-    # though the collection runs outside it.
+    # though the collection runs outside it. The recorder thread sees no exporter here, so
+    # only the collection can have recorded the value.
+    monkeypatch.setattr(poolwatch.otel, "_enabled", [])
     tracer = otel.tracer_provider.get_tracer("the-application")
     with hx.Client() as client:
         poolwatch.instrument(client, name="otel-exemplars")
@@ -1064,6 +1066,8 @@ def test_histogram_values_waiting_for_the_sdk_stay_few_when_nothing_collects(
     monkeypatch.setattr(poolwatch.otel, "_RECORD_AT", 8)
     otel = make_otel()
     exporter = poolwatch.otel._enabled[-1]
+    # Hidden from the recorder thread: only the requests themselves can record the backlog.
+    monkeypatch.setattr(poolwatch.otel, "_enabled", [])
     with hx.Client() as client:
         poolwatch.instrument(client, name="otel-bounded")
         for _ in range(20):
