@@ -2,14 +2,14 @@
 
 prometheus_client formats every sample anew (escaping each label, sorting the labels), about
 20 µs a line on a slow machine: 1.2 s for 100 pools x 5 origins (58,000 lines, six histograms
-of twenty buckets per origin). Here each series' text is built once: a scalar's line prefix,
-a histogram's bucket prefixes; a scrape only writes the values. A histogram whose count has not
-moved since the last scrape reuses its whole block, and the buckets of a block are written in
-runs of equal cumulative counts, ``"<count>\\n".join(prefixes)``, so a scrape costs a few
-operations per series, not per line; an origin's series are written from ``ORIGIN_SERIES``
-with one ``attrgetter`` call, no lookup per sample. And a pool at rest costs nothing to speak
-of: its snapshot is the very object of the last scrape (``ClientWatch.snapshot``), so its text
-is reused whole.
+of twenty buckets per origin). Here each series' text is built once, as a format string with a
+``%d`` where its value goes; a scrape only fills in the values. The lines of each counter and
+gauge of a pool's origins are one format for all of them, filled with one ``%`` from the
+columns of ``ORIGIN_SERIES`` (one ``attrgetter`` call per origin, one ``zip``); a histogram's
+block is one format filled with its cumulative counts, and reused whole while its count has not
+moved. So a scrape costs a few operations per series and per family, not per line. And a pool
+at rest costs nothing to speak of: its snapshot is the very object of the last scrape
+(``ClientWatch.snapshot``), so its text is reused whole.
 
 Both formats prometheus_client speaks are written: the text format (0.0.4) and OpenMetrics 1.0
 (what Prometheus asks for first). They differ, for poolwatch's metrics, only in the family
@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterable
-from itertools import compress
+from bisect import bisect_right
+from collections.abc import Iterable, Iterator
+from itertools import accumulate, chain
+from operator import attrgetter
 
 from ._catalogue import CATALOGUE, OPEN_CONNECTIONS, MetricSpec
+from ._core import OriginSnapshot
 from ._histogram import HistogramSnapshot
 from ._safety import report_internal_error
 from ._samples import (
@@ -90,17 +93,27 @@ class Exposition:
 class _PoolText:
     """One pool's series, and its text per family as of its last snapshot."""
 
-    __slots__ = ("errors", "joined", "last", "open_connections", "origins", "pool", "text")
+    __slots__ = (
+        "errors",
+        "joined",
+        "last",
+        "open_keys",
+        "open_template",
+        "origins",
+        "pool",
+        "text",
+    )
 
     def __init__(self) -> None:
         #: The pool-wide series, by metric.
         self.pool: dict[MetricSpec, _Series] = {}
         #: The failed-requests series, by labels.
         self.errors: dict[tuple[str, ...], _Series] = {}
-        #: Each origin's ``ORIGIN_SERIES``, in the table's order.
-        self.origins: dict[tuple[str, int, str], list[_Series]] = {}
-        #: The line prefix of each open-connections series.
-        self.open_connections: dict[OpenConnectionKey, bytes] = {}
+        #: The per-origin series of the origins of the last snapshot.
+        self.origins: _OriginTable | None = None
+        #: The open-connections series of the last snapshot, and their lines as one format.
+        self.open_keys: tuple[OpenConnectionKey, ...] = ()
+        self.open_template = b""
         self.last: PoolSnapshot | None = None
         self.text: list[tuple[int, list[bytes]]] = []
         self.joined = False
@@ -119,37 +132,38 @@ class _PoolText:
             if one is None:
                 one = pool[spec] = _Series(spec, labels)
             one.write(by_family, value)
-        origins = self.origins
-        for o in snap.origins:
-            origin_key = (o.address, o.port, o.scheme)
-            row = origins.get(origin_key)
-            if row is None:
-                labels = origin_labels(snap.name, o)
-                row = origins[origin_key] = [
-                    _Series(spec, (*labels, *extra)) for spec, extra, _ in ORIGIN_SERIES
-                ]
-            # The per-origin bulk of the page: no lookup, one call for all values.
-            for one, value in zip(row, origin_values(o), strict=True):
-                if type(value) is int:
-                    by_family[one.family].append(one.prefix + b"%d\n" % value)
-                else:
-                    one.write(by_family, value)
-            if o.errors:
-                errors = self.errors
-                for spec, labels, value in error_samples(origin_labels(snap.name, o), o):
-                    one = errors.get(labels)
-                    if one is None:
-                        one = errors[labels] = _Series(spec, labels)
-                    one.write(by_family, value)
-        lines = by_family[_FAMILY_INDEX[OPEN_CONNECTIONS]]
-        prefixes = self.open_connections
-        for key, n in open_connection_counts(snap).items():
-            prefix = prefixes.get(key)
-            if prefix is None:
-                labels = open_connection_labels(snap.name, key)
-                prefix = prefixes[key] = _Series(OPEN_CONNECTIONS, labels).prefix
-            lines.append(prefix + b"%d\n" % n)
-        self._forget_what_is_gone(snap)
+        origins = snap.origins
+        if origins:
+            # The per-origin bulk of the page: a few C calls per family, whatever the origins.
+            shape = tuple(map(_ORIGIN_KEY, origins))
+            table = self.origins
+            if table is None or table.shape != shape:
+                table = self.origins = _OriginTable(snap.name, origins, shape)
+            table.write(by_family, origins)
+            errors = self.errors
+            written = 0
+            for o in origins:
+                if o.errors:
+                    for spec, labels, value in error_samples(origin_labels(snap.name, o), o):
+                        one = errors.get(labels)
+                        if one is None:
+                            one = errors[labels] = _Series(spec, labels)
+                        one.write(by_family, value)
+                        written += 1
+            if len(errors) > 2 * written + _SPARE_ERRORS:  # error series long gone
+                self.errors = {}
+        counts = open_connection_counts(snap)
+        if counts:
+            keys = tuple(counts)
+            if keys != self.open_keys:
+                self.open_template = b"".join(
+                    _Series(OPEN_CONNECTIONS, open_connection_labels(snap.name, key)).line
+                    for key in keys
+                )
+                self.open_keys = keys
+            by_family[_FAMILY_INDEX[OPEN_CONNECTIONS]].append(
+                self.open_template % tuple(counts.values())
+            )
         # Not joined: the page's join copies them once. Joined if the pool is still at rest
         # on the next scrape.
         self.text = [(family, pieces) for family, pieces in enumerate(by_family) if pieces]
@@ -157,20 +171,59 @@ class _PoolText:
         self.last = snap
         return self.text
 
-    def _forget_what_is_gone(self, snap: PoolSnapshot) -> None:
-        """Keep the caches bounded by what the pool has now: a client's origins are bounded by
-        its core, but clients that come and go under one name would add up. Past the bound,
-        start over (the next scrape writes the prefixes again)."""
-        if len(self.origins) > 2 * len(snap.origins) + _SPARE_ORIGINS:
-            self.origins = {}
-            self.errors = {}
-            self.open_connections = {}
+
+class _OriginTable:
+    """The per-origin series of one pool for one list of origins (``ORIGIN_SERIES`` of each).
+
+    The lines of each counter and gauge family are one format string for every origin, so a
+    scrape writes them with one ``%``: the origins' values come in one ``attrgetter`` call
+    each, turned into columns by one ``zip``. Each histogram series keeps its own block (and
+    reuses it while unchanged). Made again when the pool's origins change.
+    """
+
+    __slots__ = ("histograms", "scalars", "shape")
+
+    def __init__(
+        self, pool_name: str, origins: Iterable[OriginSnapshot], shape: tuple[object, ...]
+    ) -> None:
+        self.shape = shape
+        labels = [origin_labels(pool_name, o) for o in origins]
+        #: (family index, the columns of its values, the lines of every origin as a format).
+        self.scalars: list[tuple[int, tuple[int, ...], bytes]] = []
+        #: (column, the series of each origin), for each histogram.
+        self.histograms: list[tuple[int, list[_Series]]] = []
+        for spec, columns in _ORIGIN_FAMILIES:
+            if spec.kind == "histogram":
+                [(column, extra)] = columns
+                series = [_Series(spec, (*origin, *extra)) for origin in labels]
+                self.histograms.append((column, series))
+                continue
+            template = b"".join(
+                _Series(spec, (*origin, *extra)).line for origin in labels for _, extra in columns
+            )
+            self.scalars.append(
+                (_FAMILY_INDEX[spec], tuple(column for column, _ in columns), template)
+            )
+
+    def write(self, by_family: list[list[bytes]], origins: Iterable[OriginSnapshot]) -> None:
+        columns = list(zip(*map(origin_values, origins), strict=True))
+        for family, which, template in self.scalars:
+            if len(which) == 1:
+                values = columns[which[0]]
+            else:  # several series per origin (reused or not): the origin's, in turn
+                values = tuple(chain.from_iterable(zip(*(columns[i] for i in which), strict=True)))
+            by_family[family].append(template % values)
+        for column, series in self.histograms:
+            pieces = by_family[series[0].family]
+            for one, h in zip(series, columns[column], strict=True):
+                pieces.append(one.histogram(h))
 
 
 class _Series:
-    """One series' text pieces, built once; a histogram's last block, reused while unchanged."""
+    """One series' text, built once: its line as a format; a histogram's block as a format,
+    and its last block, reused while unchanged."""
 
-    __slots__ = ("buckets", "family", "last", "prefix", "sum_prefix")
+    __slots__ = ("block", "bounds", "family", "last", "line", "prefix")
 
     def __init__(self, spec: MetricSpec, values: tuple[str, ...]) -> None:
         labels = ",".join(
@@ -179,61 +232,61 @@ class _Series:
         )
         name = spec.prometheus_name
         self.prefix = f"{name}{{{labels}}} ".encode()
+        #: The line of an integer value, as a format (``%`` in a label written ``%%``).
+        self.line = self.prefix.replace(b"%", b"%%") + b"%d\n"
         self.family = _FAMILY_INDEX[spec]  # its place in the catalogue (and on the page)
-        self.last: tuple[HistogramSnapshot, list[bytes]] | None = None
+        self.last: tuple[HistogramSnapshot, bytes] | None = None
+        self.bounds = spec.buckets
+        self.block = b""
         if spec.kind == "histogram":
             sep = "," if labels else ""
-            #: Every bucket's line up to its value, then the count's: the count is +Inf's.
-            self.buckets = [
-                *(
-                    f'{name}_bucket{{{labels}{sep}le="{_le(bound)}"}} '.encode()
-                    for bound in (*spec.buckets, math.inf)
-                ),
-                f"{name}_count{{{labels}}} ".encode(),
-            ]
-            self.sum_prefix = f"{name}_sum{{{labels}}} ".encode()
-        else:
-            self.buckets = []
-            self.sum_prefix = b""
+            escaped = labels.replace("%", "%%")
+            #: Every bucket's line, the count's (the count is +Inf's) and the sum's.
+            self.block = "".join(
+                [
+                    *(
+                        f'{name}_bucket{{{escaped}{sep}le="{_le(bound)}"}} %d\n'
+                        for bound in (*spec.buckets, math.inf)
+                    ),
+                    f"{name}_count{{{escaped}}} %d\n",
+                    f"{name}_sum{{{escaped}}} %b\n",
+                ]
+            ).encode()
 
     def write(self, by_family: list[list[bytes]], value: float | HistogramSnapshot) -> None:
         """Add the series' text to its family's pieces."""
         if type(value) is int:
-            by_family[self.family].append(self.prefix + b"%d\n" % value)
+            by_family[self.family].append(self.line % value)
         elif isinstance(value, HistogramSnapshot):
-            by_family[self.family].extend(self.histogram(value))
+            by_family[self.family].append(self.histogram(value))
         else:
             by_family[self.family].append(self.prefix + _number(value) + b"\n")
 
-    def histogram(self, h: HistogramSnapshot) -> list[bytes]:
-        """The block's text, in pieces (the family's join writes them once)."""
+    def histogram(self, h: HistogramSnapshot) -> bytes:
+        """The block's text: one ``%`` of the cumulative counts."""
         last = self.last
         if last is not None and (
             last[0] is h or (last[0].count == h.count and last[0].sum == h.sum)
         ):
             return last[1]
-        buckets = self.buckets
-        counts = h.counts
-        total = h.count
-        if counts[0] == total:  # one run: every observation in the first bucket, or none
-            value = b"%d\n" % total
-            pieces = [value.join(buckets), value, self.sum_prefix, _number(h.sum), b"\n"]
-        else:
-            # Cumulative counts change only after non-empty buckets: runs of equal values.
-            pieces = []
-            start = 0
-            running = counts[0]
-            for i in compress(range(1, len(counts)), counts[1:]):
-                value = b"%d\n" % running
-                pieces.append(value.join(buckets[start:i]))
-                pieces.append(value)
-                start = i
-                running += counts[i]
-            value = b"%d\n" % running
-            pieces.append(value.join(buckets[start:]))  # the last run, +Inf and the count
-            pieces += (value, self.sum_prefix, _number(h.sum), b"\n")
-        self.last = (h, pieces)
-        return pieces
+        if h.bounds is self.bounds or h.bounds == self.bounds:
+            values: list[int | bytes] = list(accumulate(h.counts))
+        else:  # bounds of its own (a snapshot made by hand): what is known below each
+            values = list(_rebucketed(h, self.bounds))
+        values += (values[-1], _number(h.sum))
+        text = self.block % tuple(values)
+        self.last = (h, text)
+        return text
+
+
+def _rebucketed(h: HistogramSnapshot, bounds: tuple[float, ...]) -> Iterator[int]:
+    """Cumulative counts at ``bounds`` and +Inf of a histogram with other bounds: below each,
+    the observations known to be below it."""
+    cumulative = h.cumulative()
+    for bound in bounds:
+        i = bisect_right(h.bounds, bound)  # h's buckets whose upper bound is at most ``bound``
+        yield cumulative[i - 1] if i else 0
+    yield cumulative[-1]
 
 
 def _number(value: float) -> bytes:
@@ -266,6 +319,15 @@ def _headers(spec: MetricSpec) -> tuple[bytes, bytes]:
 
 
 _HEADERS = {spec: _headers(spec) for spec in CATALOGUE}
-#: Origins a pool's text may keep beyond twice what its snapshot has.
-_SPARE_ORIGINS = 64
+#: Error series a pool's text may keep beyond twice what its snapshot has.
+_SPARE_ERRORS = 64
 _FAMILY_INDEX = {spec: i for i, spec in enumerate(CATALOGUE)}
+#: Each family of ``ORIGIN_SERIES``, in the table's order, with its columns there and the
+#: label values each adds after the origin's.
+_ORIGIN_FAMILIES: list[tuple[MetricSpec, list[tuple[int, tuple[str, ...]]]]] = []
+for _column, (_spec, _extra, _field) in enumerate(ORIGIN_SERIES):
+    if not _ORIGIN_FAMILIES or _ORIGIN_FAMILIES[-1][0] is not _spec:
+        _ORIGIN_FAMILIES.append((_spec, []))
+    _ORIGIN_FAMILIES[-1][1].append((_column, _extra))
+#: What tells one origin of a pool from another.
+_ORIGIN_KEY = attrgetter("address", "port", "scheme")

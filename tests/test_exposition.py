@@ -270,8 +270,8 @@ def test_a_pool_uninstrumented_since_the_last_scrape_leaves_the_page(
 def test_a_histogram_block_holds_the_cumulative_counts_whichever_buckets_are_filled(
     seed: int,
 ) -> None:
-    """The block writer skips work on runs of equal cumulative counts and on histograms that
-    filled only their first bucket; prometheus_client's parser reads back every bucket."""
+    """The block writer formats every bucket's cumulative count in one go, from the counts per
+    bucket; prometheus_client's parser reads back every bucket, however they are filled."""
     rng = random.Random(seed)
     bounds = TIME_IN_QUEUE.buckets
     n = len(bounds) + 1
@@ -286,7 +286,7 @@ def test_a_histogram_block_holds_the_cumulative_counts_whichever_buckets_are_fil
     header = f"# TYPE {TIME_IN_QUEUE.prometheus_name} histogram\n"
     for counts in shapes:
         h = HistogramSnapshot(bounds, tuple(counts), sum(counts), rng.random() * 10)
-        block = b"".join(series.histogram(h)).decode()
+        block = series.histogram(h).decode()
         [family] = text_string_to_metric_families(header + block)
         got = {(s.name, s.labels.get("le")): s.value for s in family.samples}
         les = [*(repr(float(b)) for b in bounds), "+Inf"]
@@ -297,3 +297,23 @@ def test_a_histogram_block_holds_the_cumulative_counts_whichever_buckets_are_fil
         assert len(family.samples) == n + 2
         same = HistogramSnapshot(bounds, tuple(counts), h.count, h.sum)
         assert series.histogram(same) is series.histogram(h)  # unchanged: reused, not rewritten
+
+
+def test_a_histogram_with_bounds_of_its_own_is_written_at_the_catalogues_bounds() -> None:
+    """A snapshot made by hand may carry other bounds: each bucket of the catalogue's then
+    counts the observations known to be below it, and +Inf and the count hold them all."""
+    series = _Series(TIME_IN_QUEUE, ("p", "api.example", "443", "https"))
+    header = f"# TYPE {TIME_IN_QUEUE.prometheus_name} histogram\n"
+    name = TIME_IN_QUEUE.prometheus_name
+    for h in (
+        HistogramSnapshot((0.01, 1.0), (3, 4, 5), 12, 7.5),
+        HistogramSnapshot((), (0,), 0, 0.0),  # a PoolSnapshot field's default
+    ):
+        [family] = text_string_to_metric_families(header + series.histogram(h).decode())
+        got = {s.labels.get("le"): s.value for s in family.samples if s.name == f"{name}_bucket"}
+        for bound in TIME_IN_QUEUE.buckets:
+            below = sum(n for b, n in zip(h.bounds, h.counts, strict=False) if b <= bound)
+            assert got[repr(float(bound))] == below
+        assert got["+Inf"] == h.count
+        counts = [s.value for s in family.samples if s.name == f"{name}_count"]
+        assert counts == [h.count]
