@@ -46,7 +46,8 @@ class Histogram:
 
     def snapshot(self) -> HistogramSnapshot:
         """The state now; the same object as last time while nothing was observed since."""
-        self.fold()
+        if self.waiting:
+            self.fold()
         last = self._last
         if last is None or last.count != self.count:
             last = self._last = new_histogram_snapshot(

@@ -39,6 +39,7 @@ pool, set on the first one it watches) and keeps its own per-connection state wi
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import inspect
 import math
@@ -269,13 +270,21 @@ class IdleSockets:
         "polled",
     )
 
-    def __init__(self, idle: list[tuple[Any, str]]) -> None:
+    _fds: list[int]
+    polled: set[int]
+    _poller: Callable[[], list[int]]
+    _lock: threading.Lock
+
+    def __init__(self, idle: list[tuple[Any, str]], previous: IdleSockets | None = None) -> None:
+        """``previous``: the last ones of the same pools, whose poll object is used again
+        when the same connections are polled on the same sockets (a busy pool's usual case)."""
         now = time.monotonic()
         # Locals throughout: a scrape of 100 busy pools walks ~1,000 connections here.
         by_fd: dict[int, int] = {}
         no_socket: list[Any] = []
         filenos: list[Callable[[], int]] = []
         valid_until = math.inf
+        known = _FILENOS.get
         for conn, version in idle:
             if version == "2":
                 continue
@@ -287,7 +296,11 @@ class IdleSockets:
                 if now > expire_at:
                     continue
                 valid_until = min(valid_until, expire_at)
-            fileno = _fileno_of(inner)
+            entry = known(id(inner))
+            if entry is not None and entry[0]() is inner:
+                fileno: Callable[[], int] | None = entry[1]
+            else:
+                fileno = _fileno_of(inner)
             if fileno is None:  # no socket to poll: httpcore's own check
                 no_socket.append(conn)
                 continue
@@ -302,6 +315,13 @@ class IdleSockets:
         #: The earliest keep-alive expiry among the polled ones: past it, they are not all
         #: to be judged any more.
         self._valid_until = valid_until
+        if previous is not None and previous._by_fd == by_fd:
+            # The same sockets under the same connections: a poll registers descriptors.
+            self._fds = previous._fds
+            self.polled = previous.polled
+            self._poller = previous._poller
+            self._lock = previous._lock
+            return
         #: What the filenos returned (each turns -1 once its socket is closed).
         self._fds = list(by_fd)
         #: The ids of the connections polled.
@@ -340,23 +360,23 @@ def _poller(fds: dict[int, int]) -> Callable[[], list[int]]:
     return lambda: select.select(listed, [], [], 0)[0]
 
 
-#: The socket's ``fileno`` of each HTTP/1.1 connection polled, once looked up; kept here, not
-#: on the connection: a new attribute name on an object of a class with more than ~28
-#: instances already made moves its attributes into a dictionary (CPython 3.11's shared keys
-#: stop growing), which would slow httpcore's own reads on it.
-_FILENOS: weakref.WeakKeyDictionary[Any, Callable[[], int]] = weakref.WeakKeyDictionary()
+#: The socket's ``fileno`` of each HTTP/1.1 connection polled, once looked up, by the id of
+#: the connection, with a weak reference to it: the entry is its while the reference still
+#: points to it, and goes with it. Kept here, not on the connection: a new attribute name on
+#: an object of a class with more than ~28 instances already made moves its attributes into a
+#: dictionary (CPython 3.11's shared keys stop growing), which would slow httpcore's own reads
+#: on it. Not a ``WeakKeyDictionary``, whose ``get`` is a Python call per connection polled.
+_FILENOS: dict[int, tuple[weakref.ref[Any], Callable[[], int]]] = {}
 
 
 def _fileno_of(inner: Any) -> Callable[[], int] | None:
     """The ``fileno`` of the socket behind an HTTP/1.1 connection (``None``: no socket),
     looked up once; unwrapped from asyncio's and trio's socket wrappers, whose ``fileno`` is
     a Python call, to the socket's own."""
-    try:
-        fileno = _FILENOS.get(inner)
-    except TypeError:  # not weakly referenceable: looked up each time
-        fileno = None
-    if fileno is not None:
-        return fileno
+    key = id(inner)
+    entry = _FILENOS.get(key)
+    if entry is not None and entry[0]() is inner:
+        return entry[1]
     stream = getattr(inner, "_network_stream", None)
     sock = _socket_of(stream) if stream is not None else None
     raw = getattr(sock, "_sock", None)
@@ -365,9 +385,19 @@ def _fileno_of(inner: Any) -> Callable[[], int] | None:
     found: Callable[[], int] | None = getattr(sock, "fileno", None)
     if not callable(found):
         return None
-    with contextlib.suppress(TypeError):
-        _FILENOS[inner] = found  # as long-lived as the connection, and no longer
+    try:
+        ref = weakref.ref(inner, functools.partial(_forget_fileno, key))
+    except TypeError:  # not weakly referenceable: looked up each time
+        return found
+    _FILENOS[key] = (ref, found)  # as long-lived as the connection, and no longer
     return found
+
+
+def _forget_fileno(key: int, ref: weakref.ref[Any]) -> None:
+    """A polled connection went: its entry goes (unless one for a newer object took it)."""
+    entry = _FILENOS.get(key)
+    if entry is not None and entry[0] is ref:
+        _FILENOS.pop(key, None)
 
 
 def _socket_of(stream: Any) -> Any:
@@ -431,8 +461,9 @@ def forget_socket(conn: Any) -> None:
     """Remove what ``IdleSockets`` kept on a connection."""
     inner = inner_connection(conn)
     if inner is not None:
-        with contextlib.suppress(TypeError):
-            _FILENOS.pop(inner, None)
+        entry = _FILENOS.get(id(inner))
+        if entry is not None and entry[0]() is inner:
+            _FILENOS.pop(id(inner), None)
 
 
 # -- instance patches ------------------------------------------------------------------------

@@ -111,6 +111,8 @@ class ClientWatch:
         self._pools: list[_PoolPatch] = []
         self._transports: list[_TransportPatch] = []
         self._at_rest: _AtRest | None = None
+        #: The idle sockets the last full reading polled (its poll object may serve again).
+        self._sockets: _httpcore.IdleSockets | None = None
         self._last_groups: tuple[
             dict[tuple[OriginStats, str, str], int], tuple[ConnectionGroup, ...]
         ] = ({}, ())
@@ -196,6 +198,7 @@ class ClientWatch:
         self._pools.clear()
         self._transports.clear()
         self._at_rest = None
+        self._sockets = None
 
     @property
     def alive(self) -> bool:
@@ -337,7 +340,7 @@ class ClientWatch:
         sockets: _httpcore.IdleSockets | None = None
         dead: set[int] = set()
         try:
-            sockets = _httpcore.IdleSockets(to_check)
+            sockets = self._sockets = _httpcore.IdleSockets(to_check, self._sockets)
             dead = sockets.dead()
         except Exception as exc:  # not known: count them all, and read in full next time
             sockets = None

@@ -597,6 +597,60 @@ async def test_a_client_at_rest_is_read_again_once_the_server_closes_an_idle_con
 
 
 @pytest.mark.anyio
+async def test_a_reading_after_a_change_sees_the_server_close_idle_connections_it_polled_before(
+    hx: Any, loopback_server_factory: Any
+) -> None:
+    # A full reading polls the same sockets as the last one did with the last one's poll
+    # object: it must still see what the server did to them since.
+    server: LoopbackServer = loopback_server_factory(idle_timeout=1.0)
+    async with hx.AsyncClient() as client:
+        poolwatch.instrument(client, name="polled-again")
+        async with anyio.create_task_group() as tg:
+            for _ in range(2):
+                tg.start_soon(client.get, f"{server.url}/delay?ms=100")
+        assert poolwatch.snapshot(client).idle_connections == 2 == server.stats.open_connections
+        [watch] = [w for w in _api.watches() if w.name == "polled-again"]
+        polled = watch._sockets
+        assert polled is not None
+        with socket.socket() as unused:  # a port nobody listens on: refused, never pooled
+            unused.bind(("127.0.0.1", 0))
+            refused = f"http://127.0.0.1:{unused.getsockname()[1]}/"
+        with pytest.raises(hx.ConnectError):
+            await client.get(refused)  # a change: the next reading is a full one
+        await await_until(lambda: server.stats.open_connections == 0, what="the server's close")
+        after = poolwatch.snapshot(client)
+        assert watch._sockets is not None
+        assert watch._sockets._poller is polled._poller  # the same sockets, polled again
+        assert after.idle_connections == 0
+        assert httpcore_view(client).idle == 2  # httpcore has not noticed yet
+        assert after.errors == {"ConnectError": 1}
+
+
+def test_the_sockets_looked_up_for_polling_are_forgotten_with_their_connections(
+    hx: Any, loopback_server: LoopbackServer
+) -> None:
+    with hx.Client() as client:
+        poolwatch.instrument(client, name="forgotten-sockets")
+        client.get(f"{loopback_server.url}/ok")
+        assert poolwatch.snapshot(client).idle_connections == 1
+        (conn,) = client._transport._pool.connections
+        key = id(conn._connection)
+        assert key in _httpcore._FILENOS
+        client._transport._pool.close()  # as on client.close()
+        assert poolwatch.snapshot(client).idle_connections == 0  # the last reading holds none
+        del conn
+        gc.collect()
+        assert key not in _httpcore._FILENOS  # gone with the connection
+        client.get(f"{loopback_server.url}/ok")
+        assert poolwatch.snapshot(client).idle_connections == 1
+        (conn,) = client._transport._pool.connections
+        key = id(conn._connection)
+        assert key in _httpcore._FILENOS
+        poolwatch.uninstrument(client)
+        assert key not in _httpcore._FILENOS  # the connection lives on, uninstrumented
+
+
+@pytest.mark.anyio
 async def test_an_idle_tls_connection_the_server_closed_is_no_longer_counted_as_idle(
     hx: Any,
     loopback_server_factory: Any,
