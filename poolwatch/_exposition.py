@@ -98,7 +98,9 @@ class _PoolText:
         "joined",
         "last",
         "open_keys",
+        "open_made_of",
         "open_template",
+        "open_text",
         "origins",
         "pool",
         "text",
@@ -114,6 +116,11 @@ class _PoolText:
         #: The open-connections series of the last snapshot, and their lines as one format.
         self.open_keys: tuple[OpenConnectionKey, ...] = ()
         self.open_template = b""
+        #: Those lines, and what they were written from: the snapshot's connection groups
+        #: (the very tuple again while the groups are equal) and its origins with their
+        #: protocol versions.
+        self.open_text = b""
+        self.open_made_of: tuple[object, tuple[object, ...]] = ((), ())
         self.last: PoolSnapshot | None = None
         self.text: list[tuple[int, list[bytes]]] = []
         self.joined = False
@@ -152,24 +159,31 @@ class _PoolText:
                         written += 1
             if len(errors) > 2 * written + _SPARE_ERRORS:  # error series long gone
                 self.errors = {}
-        counts = open_connection_counts(snap)
-        if counts:
-            keys = tuple(counts)
-            if keys != self.open_keys:
-                self.open_template = b"".join(
-                    _Series(OPEN_CONNECTIONS, open_connection_labels(snap.name, key)).line
-                    for key in keys
-                )
-                self.open_keys = keys
-            by_family[_FAMILY_INDEX[OPEN_CONNECTIONS]].append(
-                self.open_template % tuple(counts.values())
-            )
+        versions = tuple(map(_ORIGIN_VERSIONS, origins))  # which zero lines each origin has
+        made_of = self.open_made_of
+        if snap.connections is not made_of[0] or versions != made_of[1]:
+            self.open_text = self._open_connections(snap)
+            self.open_made_of = (snap.connections, versions)
+        if self.open_text:
+            by_family[_OPEN_CONNECTIONS].append(self.open_text)
         # Not joined: the page's join copies them once. Joined if the pool is still at rest
         # on the next scrape.
         self.text = [(family, pieces) for family, pieces in enumerate(by_family) if pieces]
         self.joined = False
         self.last = snap
         return self.text
+
+    def _open_connections(self, snap: PoolSnapshot) -> bytes:
+        """The open-connections lines, one format for all of them."""
+        counts = open_connection_counts(snap)
+        keys = tuple(counts)
+        if keys != self.open_keys:
+            self.open_template = b"".join(
+                _Series(OPEN_CONNECTIONS, open_connection_labels(snap.name, key)).line
+                for key in keys
+            )
+            self.open_keys = keys
+        return self.open_template % tuple(counts.values())
 
 
 class _OriginTable:
@@ -270,11 +284,9 @@ class _Series:
         ):
             return last[1]
         if h.bounds is self.bounds or h.bounds == self.bounds:
-            values: list[int | bytes] = list(accumulate(h.counts))
+            text = self.block % (*accumulate(h.counts), h.count, _number(h.sum))
         else:  # bounds of its own (a snapshot made by hand): what is known below each
-            values = list(_rebucketed(h, self.bounds))
-        values += (values[-1], _number(h.sum))
-        text = self.block % tuple(values)
+            text = self.block % (*_rebucketed(h, self.bounds), h.count, _number(h.sum))
         self.last = (h, text)
         return text
 
@@ -293,7 +305,7 @@ def _number(value: float) -> bytes:
     if type(value) is int:
         return b"%d" % value
     if -math.inf < value < math.inf:
-        return repr(float(value)).encode()
+        return (repr(value) if type(value) is float else repr(float(value))).encode()
     return b"NaN" if math.isnan(value) else (b"+Inf" if value > 0 else b"-Inf")
 
 
@@ -331,3 +343,6 @@ for _column, (_spec, _extra, _field) in enumerate(ORIGIN_SERIES):
     _ORIGIN_FAMILIES[-1][1].append((_column, _extra))
 #: What tells one origin of a pool from another.
 _ORIGIN_KEY = attrgetter("address", "port", "scheme")
+#: An origin's key and its protocol versions.
+_ORIGIN_VERSIONS = attrgetter("address", "port", "scheme", "http_versions")
+_OPEN_CONNECTIONS = _FAMILY_INDEX[OPEN_CONNECTIONS]
