@@ -237,7 +237,7 @@ class _Series:
     """One series' text, built once: its line as a format; a histogram's block as a format,
     and its last block, reused while unchanged."""
 
-    __slots__ = ("block", "bounds", "family", "last", "line", "prefix")
+    __slots__ = ("block", "bounds", "family", "last", "last_text", "line", "prefix")
 
     def __init__(self, spec: MetricSpec, values: tuple[str, ...]) -> None:
         labels = ",".join(
@@ -249,7 +249,10 @@ class _Series:
         #: The line of an integer value, as a format (``%`` in a label written ``%%``).
         self.line = self.prefix.replace(b"%", b"%%") + b"%d\n"
         self.family = _FAMILY_INDEX[spec]  # its place in the catalogue (and on the page)
-        self.last: tuple[HistogramSnapshot, bytes] | None = None
+        #: A histogram's last snapshot and block (two slots, not a tuple: one scrape of busy
+        #: pools writes thousands, and each tuple would wait for the garbage collector).
+        self.last: HistogramSnapshot | None = None
+        self.last_text = b""
         self.bounds = spec.buckets
         self.block = b""
         if spec.kind == "histogram":
@@ -279,15 +282,14 @@ class _Series:
     def histogram(self, h: HistogramSnapshot) -> bytes:
         """The block's text: one ``%`` of the cumulative counts."""
         last = self.last
-        if last is not None and (
-            last[0] is h or (last[0].count == h.count and last[0].sum == h.sum)
-        ):
-            return last[1]
+        if last is not None and (last is h or (last.count == h.count and last.sum == h.sum)):
+            return self.last_text
         if h.bounds is self.bounds or h.bounds == self.bounds:
             text = self.block % (*accumulate(h.counts), h.count, _number(h.sum))
         else:  # bounds of its own (a snapshot made by hand): what is known below each
             text = self.block % (*_rebucketed(h, self.bounds), h.count, _number(h.sum))
-        self.last = (h, text)
+        self.last = h
+        self.last_text = text
         return text
 
 
