@@ -361,8 +361,9 @@ class ClientWatch:
             reused += o.requests_reused
             created += o.connections_created
             timeouts += o.timeouts
-            for error_type, n in o.errors.items():
-                errors[error_type] = errors.get(error_type, 0) + n
+            if o.errors:
+                for error_type, n in o.errors.items():
+                    errors[error_type] = errors.get(error_type, 0) + n
         snap = new_pool_snapshot(
             name=self.name,
             max_connections=limit,
