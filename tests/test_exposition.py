@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import logging
+import math
 import random
 import urllib.request
 from collections.abc import Iterator
@@ -23,10 +24,22 @@ from prometheus_client.parser import text_string_to_metric_families
 import poolwatch
 import poolwatch._exposition
 import poolwatch.prometheus
-from poolwatch._catalogue import CATALOGUE, TIME_IN_QUEUE
+from poolwatch._catalogue import (
+    CATALOGUE,
+    CONNECT_TIME,
+    CONNECTION_DURATION,
+    REQUEST_DURATION,
+    TIME_IN_QUEUE,
+    TIME_TO_FIRST_BYTE,
+    TLS_TIME,
+    MetricSpec,
+)
+from poolwatch._core import OriginSnapshot
 from poolwatch._exposition import _Series
 from poolwatch._histogram import HistogramSnapshot
 from poolwatch._loopback import LoopbackServer
+from poolwatch._samples import samples as poolwatch_samples
+from poolwatch._snapshot import NO_OBSERVATIONS, ConnectionGroup, PoolSnapshot
 
 #: What Prometheus 2.x sends when it scrapes.
 PROMETHEUS_ACCEPT = (
@@ -317,3 +330,109 @@ def test_a_histogram_with_bounds_of_its_own_is_written_at_the_catalogues_bounds(
         assert got["+Inf"] == h.count
         counts = [s.value for s in family.samples if s.name == f"{name}_count"]
         assert counts == [h.count]
+
+
+def _random_histogram(rng: random.Random, spec: MetricSpec) -> HistogramSnapshot:
+    n = len(spec.buckets) + 1
+    counts = [rng.choice((0, 0, 0, rng.randrange(1, 5000))) for _ in range(n)]
+    return HistogramSnapshot(spec.buckets, tuple(counts), sum(counts), rng.random() * 1e3)
+
+
+def _random_pool(rng: random.Random, name: str, last: PoolSnapshot | None) -> PoolSnapshot:
+    """A pool's next snapshot: origins, versions, errors and connection groups that come and
+    go, with the last one's connection-group tuple kept now and then (as a busy pool's is)."""
+    hosts = rng.sample(
+        ["api.test", "b.test", '"q"%d.test', "ü.test", "x\\y.test"], rng.randrange(4)
+    )
+    origins = tuple(
+        OriginSnapshot(
+            rng.choice(("http", "https")),
+            host,
+            rng.choice((80, 443, 8080)),
+            rng.randrange(3),
+            rng.randrange(100),
+            rng.randrange(100),
+            rng.randrange(9),
+            rng.randrange(2),
+            {
+                e: rng.randrange(1, 9)
+                for e in rng.sample(["ReadError", "PoolTimeout"], rng.randrange(3))
+            },
+            tuple(sorted(rng.sample(["1.1", "2"], rng.randrange(3)))),
+            _random_histogram(rng, TIME_IN_QUEUE),
+            _random_histogram(rng, CONNECTION_DURATION),
+        )
+        for host in hosts
+    )
+    if last is not None and rng.random() < 0.4:
+        connections = last.connections
+    else:
+        connections = tuple(
+            ConnectionGroup(o.scheme, o.address, o.port, state, version, rng.randrange(1, 4))
+            for o in origins
+            for state in rng.sample(["active", "idle", "connecting"], rng.randrange(3))
+            for version in (rng.choice(("1.1", "2", "")),)
+        )
+    return PoolSnapshot(
+        name=name, max_connections=rng.choice((None, 10, 100)), active_connections=0,
+        idle_connections=0, pending_requests=rng.randrange(5), active_requests=0,
+        utilization=rng.random(), requests_total=0, reused_requests_total=0,
+        connections_created_total=0, pool_timeouts_total=0,
+        leaked_responses_total=rng.randrange(3), reuse_ratio=None,
+        pending_max_age=rng.random(), active_max_age=rng.random() * 9,
+        connections=connections, origins=origins,
+        connect_time=_random_histogram(rng, CONNECT_TIME),
+        tls_time=rng.choice((_random_histogram(rng, TLS_TIME), NO_OBSERVATIONS)),
+        time_to_first_byte=_random_histogram(rng, TIME_TO_FIRST_BYTE),
+        request_duration=_random_histogram(rng, REQUEST_DURATION),
+    )  # fmt: skip
+
+
+def _expected(snaps: list[PoolSnapshot]) -> Samples:
+    """The page's samples as the catalogue's ``samples()`` gives them, written out by hand."""
+    out: Samples = {}
+    for snap in snaps:
+        for spec, values, value in poolwatch_samples(snap):
+            labels = tuple(zip(spec.labels, values, strict=True))
+            name = spec.prometheus_name
+            if not isinstance(value, HistogramSnapshot):
+                out[name, tuple(sorted(labels))] = float(value)
+                continue
+            for bound in (*spec.buckets, math.inf):  # what is known to be at most each bound
+                n = sum(
+                    c
+                    for b, c in zip((*value.bounds, math.inf), value.counts, strict=True)
+                    if b <= bound
+                )
+                le = "+Inf" if bound == math.inf else repr(float(bound))
+                out[f"{name}_bucket", tuple(sorted((*labels, ("le", le))))] = float(n)
+            out[f"{name}_count", tuple(sorted(labels))] = float(value.count)
+            out[f"{name}_sum", tuple(sorted(labels))] = value.sum
+    return out
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_any_run_of_scrapes_reads_back_as_the_catalogues_samples_of_each_snapshot(
+    seed: int,
+) -> None:
+    """Pools whose origins, versions, errors and connections change between scrapes, pools
+    at rest (the very snapshot again), pools that leave and come back under their name: each
+    page holds exactly the samples of its snapshots, whatever the writer kept from before."""
+    rng = random.Random(seed)
+    exposition = poolwatch._exposition.Exposition()
+    last: dict[str, PoolSnapshot] = {}
+    for _ in range(15):
+        snaps = []
+        for name in rng.sample(["a", "b%d", 'c"'], rng.randrange(1, 4)):
+            previous = last.get(name)
+            if previous is not None and rng.random() < 0.3:
+                snap = previous  # at rest
+            else:
+                snap = _random_pool(rng, name, previous)
+            last[name] = snap
+            snaps.append(snap)
+        openmetrics = rng.random() < 0.5
+        page = exposition.render(
+            snaps, openmetrics=openmetrics, after=b"# EOF\n" if openmetrics else b""
+        )
+        assert samples_of(page, openmetrics=openmetrics) == _expected(snaps)
