@@ -315,15 +315,14 @@ class IdleSockets:
         #: The earliest keep-alive expiry among the polled ones: past it, they are not all
         #: to be judged any more.
         self._valid_until = valid_until
+        #: What the filenos returned (each turns -1 once its socket is closed).
+        self._fds = list(by_fd)
         if previous is not None and previous._by_fd == by_fd:
             # The same sockets under the same connections: a poll registers descriptors.
-            self._fds = previous._fds
             self.polled = previous.polled
             self._poller = previous._poller
             self._lock = previous._lock
             return
-        #: What the filenos returned (each turns -1 once its socket is closed).
-        self._fds = list(by_fd)
         #: The ids of the connections polled.
         self.polled = set(by_fd.values())
         self._poller = _poller(by_fd)
@@ -386,18 +385,21 @@ def _fileno_of(inner: Any) -> Callable[[], int] | None:
     if not callable(found):
         return None
     try:
-        ref = weakref.ref(inner, functools.partial(_forget_fileno, key))
+        ref = weakref.ref(inner, functools.partial(_forget_fileno, _FILENOS, key))
     except TypeError:  # not weakly referenceable: looked up each time
         return found
     _FILENOS[key] = (ref, found)  # as long-lived as the connection, and no longer
     return found
 
 
-def _forget_fileno(key: int, ref: weakref.ref[Any]) -> None:
-    """A polled connection went: its entry goes (unless one for a newer object took it)."""
-    entry = _FILENOS.get(key)
+def _forget_fileno(
+    filenos: dict[int, tuple[weakref.ref[Any], Callable[[], int]]], key: int, ref: weakref.ref[Any]
+) -> None:
+    """A polled connection went: its entry goes (unless one for a newer object took it).
+    The dict comes bound, not from the module: this may run while the interpreter exits."""
+    entry = filenos.get(key)
     if entry is not None and entry[0] is ref:
-        _FILENOS.pop(key, None)
+        filenos.pop(key, None)
 
 
 def _socket_of(stream: Any) -> Any:

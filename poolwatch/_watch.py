@@ -340,10 +340,11 @@ class ClientWatch:
         sockets: _httpcore.IdleSockets | None = None
         dead: set[int] = set()
         try:
-            sockets = self._sockets = _httpcore.IdleSockets(to_check, self._sockets)
+            sockets = _httpcore.IdleSockets(to_check, self._sockets)
             dead = sockets.dead()
+            self._sockets = sockets
         except Exception as exc:  # not known: count them all, and read in full next time
-            sockets = None
+            sockets = self._sockets = None
             report_internal_error("pool read", exc)
         for conn_id, key in idle_keys.items():
             if conn_id not in dead:  # closed by the server; httpcore has not noticed yet

@@ -626,6 +626,29 @@ async def test_a_reading_after_a_change_sees_the_server_close_idle_connections_i
         assert after.errors == {"ConnectError": 1}
 
 
+def test_the_same_idle_sockets_listed_in_another_order_are_not_taken_for_closed_ones(
+    hx: Any, loopback_server: LoopbackServer
+) -> None:
+    # The last reading's poll object serves the same sockets in any order; what each socket's
+    # fileno returned must follow the new order, or a pool at rest is read in full forever.
+    with hx.Client() as client:
+        threads = [
+            threading.Thread(target=client.get, args=(f"{loopback_server.url}/delay?ms=50",))
+            for _ in range(2)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        a, b = client._transport._pool.connections
+        first = _httpcore.IdleSockets([(a, "1.1"), (b, "1.1")])
+        again = _httpcore.IdleSockets([(b, "1.1"), (a, "1.1")], first)
+        assert again._poller is first._poller
+        assert not first.closed()
+        assert not again.closed()
+        assert again.dead() == set() == first.dead()
+
+
 def test_the_sockets_looked_up_for_polling_are_forgotten_with_their_connections(
     hx: Any, loopback_server: LoopbackServer
 ) -> None:
