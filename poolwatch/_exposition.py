@@ -117,8 +117,7 @@ class _PoolText:
         self.open_keys: tuple[OpenConnectionKey, ...] = ()
         self.open_template = b""
         #: Those lines, and what they were written from: the snapshot's connection groups
-        #: (the very tuple again while the groups are equal) and its origins with their
-        #: protocol versions.
+        #: (the very tuple again while the groups are equal) and its origins' shape.
         self.open_text = b""
         self.open_made_of: tuple[object, tuple[object, ...]] = ((), ())
         self.last: PoolSnapshot | None = None
@@ -140,9 +139,11 @@ class _PoolText:
                 one = pool[spec] = _Series(spec, labels)
             one.write(by_family, value)
         origins = snap.origins
+        # What the per-origin lines are written from besides the values: each origin's key
+        # and protocol versions (which zero lines of open connections it has).
+        shape = tuple(map(_ORIGIN_SHAPE, origins))
         if origins:
             # The per-origin bulk of the page: a few C calls per family, whatever the origins.
-            shape = tuple(map(_ORIGIN_KEY, origins))
             table = self.origins
             if table is None or table.shape != shape:
                 table = self.origins = _OriginTable(snap.name, origins, shape)
@@ -159,11 +160,10 @@ class _PoolText:
                         written += 1
             if len(errors) > 2 * written + _SPARE_ERRORS:  # error series long gone
                 self.errors = {}
-        versions = tuple(map(_ORIGIN_VERSIONS, origins))  # which zero lines each origin has
         made_of = self.open_made_of
-        if snap.connections is not made_of[0] or versions != made_of[1]:
+        if snap.connections is not made_of[0] or shape != made_of[1]:
             self.open_text = self._open_connections(snap)
-            self.open_made_of = (snap.connections, versions)
+            self.open_made_of = (snap.connections, shape)
         if self.open_text:
             by_family[_OPEN_CONNECTIONS].append(self.open_text)
         # Not joined: the page's join copies them once. Joined if the pool is still at rest
@@ -192,7 +192,8 @@ class _OriginTable:
     The lines of each counter and gauge family are one format string for every origin, so a
     scrape writes them with one ``%``: the origins' values come in one ``attrgetter`` call
     each, turned into columns by one ``zip``. Each histogram series keeps its own block (and
-    reuses it while unchanged). Made again when the pool's origins change.
+    reuses it while unchanged). Made again when the pool's origins (or their protocol
+    versions) change.
     """
 
     __slots__ = ("histograms", "scalars", "shape")
@@ -307,7 +308,7 @@ def _number(value: float) -> bytes:
     if type(value) is int:
         return b"%d" % value
     if -math.inf < value < math.inf:
-        return (repr(value) if type(value) is float else repr(float(value))).encode()
+        return repr(float(value)).encode()
     return b"NaN" if math.isnan(value) else (b"+Inf" if value > 0 else b"-Inf")
 
 
@@ -343,8 +344,6 @@ for _column, (_spec, _extra, _field) in enumerate(ORIGIN_SERIES):
     if not _ORIGIN_FAMILIES or _ORIGIN_FAMILIES[-1][0] is not _spec:
         _ORIGIN_FAMILIES.append((_spec, []))
     _ORIGIN_FAMILIES[-1][1].append((_column, _extra))
-#: What tells one origin of a pool from another.
-_ORIGIN_KEY = attrgetter("address", "port", "scheme")
 #: An origin's key and its protocol versions.
-_ORIGIN_VERSIONS = attrgetter("address", "port", "scheme", "http_versions")
+_ORIGIN_SHAPE = attrgetter("address", "port", "scheme", "http_versions")
 _OPEN_CONNECTIONS = _FAMILY_INDEX[OPEN_CONNECTIONS]

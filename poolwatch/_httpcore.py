@@ -296,7 +296,7 @@ class IdleSockets:
                 if now > expire_at:
                     continue
                 valid_until = min(valid_until, expire_at)
-            entry = known(id(inner))
+            entry = known(id(inner))  # inline: a call per connection costs more
             if entry is not None and entry[0]() is inner:
                 fileno: Callable[[], int] | None = entry[1]
             else:
@@ -370,12 +370,10 @@ _FILENOS: dict[int, tuple[weakref.ref[Any], Callable[[], int]]] = {}
 
 def _fileno_of(inner: Any) -> Callable[[], int] | None:
     """The ``fileno`` of the socket behind an HTTP/1.1 connection (``None``: no socket),
-    looked up once; unwrapped from asyncio's and trio's socket wrappers, whose ``fileno`` is
-    a Python call, to the socket's own."""
+    looked up and kept in ``_FILENOS`` (``IdleSockets`` reads it there first); unwrapped
+    from asyncio's and trio's socket wrappers, whose ``fileno`` is a Python call, to the
+    socket's own."""
     key = id(inner)
-    entry = _FILENOS.get(key)
-    if entry is not None and entry[0]() is inner:
-        return entry[1]
     stream = getattr(inner, "_network_stream", None)
     sock = _socket_of(stream) if stream is not None else None
     raw = getattr(sock, "_sock", None)
