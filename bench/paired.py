@@ -19,9 +19,13 @@ instrumentation), or the run fails.
 httpcore's trace extension (~30 µs, 3 % there): a transport that gives each request a trace
 callback noting every event's time and a few counts. Measured here the same way as poolwatch,
 it says what "3 %" costs in this harness. ``hooks-skeleton``, ``hooks-entry``,
-``hooks-connections`` and ``hooks-attributes`` give a bare client parts of poolwatch's hooking
-with no bookkeeping (``_Skeleton``): what the hooks cost by themselves. ``--no-gc`` and
-``--no-sampler`` take the garbage collector and poolwatch's saturation sampler out.
+``hooks-connections``, ``hooks-attributes`` and ``hooks-current`` (poolwatch's hooking as it is
+since 614634f: pool entry, connection call, HTTP/1.1 release) give a bare client parts of
+poolwatch's hooking with no bookkeeping (``_Skeleton``): what the hooks cost by themselves.
+``hooks-ledger`` adds the least bookkeeping poolwatch's figures could be made from (a note of
+each request's times, handed to the scrape on release; nothing counted on the request path).
+``--no-gc`` and ``--no-sampler`` take the garbage collector and poolwatch's saturation sampler
+out.
 
 What it cannot tell: anything a second process adds (a fresh interpreter's first requests),
 and httpx at C=32, where httpcore 1.0.9's retry loop makes each block's pool different
@@ -117,20 +121,43 @@ class _Skeleton:
     call, with a context variable, as poolwatch's pool entry), ``connections`` (a coroutine
     wrapper per connection for its request call and its close, set as instance attributes, as
     poolwatch's), ``streams`` (a close wrapper per response holding a weak reference to the
-    stream), ``attributes`` (only two instance attributes per connection, holding its own bound
-    methods: no wrapper at all). Set after the warm-up, on the connections the pool has then
-    and on those it makes later."""
+    stream), ``release`` (a coroutine wrapper on each HTTP/1.1 connection's
+    ``_response_closed``, set once per connection as an instance attribute: how poolwatch
+    ends a request since 614634f), ``attributes`` (only two instance attributes per
+    connection, holding its own bound methods: no wrapper at all). Set after the warm-up, on
+    the connections the pool has then and on those it makes later."""
 
     def __init__(self, family: str, concurrency: int, parts: set[str]) -> None:
         self._bare = Setup("bare", family, concurrency)
         self.client = self._bare.client
         self.parts = parts
         self.stats = _PoolStats()  # requests through the pool entry, when it is hooked
+        #: ``ledger``: the notes of requests in flight, and of those over (a scrape's to read).
+        self.inflight: dict[int, _Note] = {}
+        self.finished: list[_Note] = []
 
     def hook(self) -> None:
         pool, parts, stats = self._bare.pool, self.parts, self.stats
         pool_cls = type(pool)
-        if "entry" in parts:
+        if "entry" in parts and "ledger" in parts:
+            inflight = self.inflight
+            clock = time.perf_counter
+
+            async def entry(request: Any) -> Any:
+                note = _Note(clock())
+                inflight[id(note)] = note
+                token = _CURRENT.set(note)
+                try:
+                    return await pool_cls.handle_async_request(pool, request)
+                except BaseException:
+                    inflight.pop(id(note), None)
+                    raise
+                finally:
+                    _CURRENT.reset(token)
+                    stats.done += 1
+
+            pool.handle_async_request = entry
+        elif "entry" in parts:
 
             async def entry(request: Any) -> Any:
                 token = _CURRENT.set(request)
@@ -160,12 +187,33 @@ class _Skeleton:
             conn.aclose = conn.aclose
         if "connections" not in parts:
             return
+        hooked: list[Any] = [None]  # the HTTP/1.1 connection whose release is hooked
+        ledger = "ledger" in parts
+        clock = time.perf_counter
+        current: list[Any] = [None]  # the note of the request the connection serves
+        finished, inflight = self.finished, self.inflight
 
         async def handle_async_request(request: Any) -> Any:
-            _CURRENT.get()
+            note = _CURRENT.get()
+            if ledger:
+                note.acquired = clock()
+                note.conn = conn
             response = await cls.handle_async_request(conn, request)
+            if ledger:
+                note.headers = clock()
+                note.status = response.status
+                current[0] = note
             if "streams" in parts:
                 response.stream.aclose = _SkeletonClose(response.stream)
+            if "release" in parts:
+                inner = getattr(conn, "_connection", None)
+                if inner is not None and inner is not hooked[0]:  # once per connection
+                    hooked[0] = inner
+                    inner._response_closed = (
+                        _LedgerRelease(inner, current, finished, inflight)
+                        if ledger
+                        else _SkeletonRelease(inner)
+                    )
             return response
 
         async def aclose() -> None:
@@ -191,6 +239,56 @@ class _SkeletonClose:
                 delattr(stream, "aclose")
 
 
+class _SkeletonRelease:
+    """An HTTP/1.1 connection's ``_response_closed``, wrapped: as poolwatch's ``_Release``."""
+
+    __slots__ = ("inner",)
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    async def __call__(self) -> None:
+        inner = self.inner
+        await type(inner)._response_closed(inner)
+
+
+class _Note:
+    """``ledger``: a request's times, and nothing done with them on the request path."""
+
+    __slots__ = ("acquired", "conn", "end", "headers", "start", "status")
+
+    def __init__(self, start: float) -> None:
+        self.start = start
+        self.acquired = self.headers = self.end = 0.0
+        self.conn: Any = None
+        self.status = 0
+
+
+class _LedgerRelease:
+    """``ledger``'s release hook: the request's end noted, its note handed to the scrape."""
+
+    __slots__ = ("current", "finished", "inflight", "inner")
+
+    def __init__(
+        self, inner: Any, current: list[Any], finished: list[_Note], inflight: dict[int, _Note]
+    ) -> None:
+        self.inner = inner
+        self.current = current
+        self.finished = finished
+        self.inflight = inflight
+
+    async def __call__(self) -> None:
+        current = self.current
+        note = current[0]
+        current[0] = None
+        inner = self.inner
+        await type(inner)._response_closed(inner)
+        if note is not None:
+            note.end = time.perf_counter()
+            del self.inflight[id(note)]
+            self.finished.append(note)
+
+
 def _ignore(ref: Any) -> None:
     del ref
 
@@ -199,6 +297,8 @@ _CURRENT: contextvars.ContextVar[Any] = contextvars.ContextVar("paired", default
 #: ``--variants`` names of ``_Skeleton``, and the parts each one hooks.
 SKELETONS = {
     "hooks-skeleton": {"entry", "connections", "streams"},
+    "hooks-current": {"entry", "connections", "release"},
+    "hooks-ledger": {"entry", "connections", "release", "ledger"},
     "hooks-entry": {"entry"},
     "hooks-connections": {"connections"},
     "hooks-attributes": {"attributes"},
@@ -251,6 +351,8 @@ async def _pairs(args: argparse.Namespace) -> dict[str, Any]:
             await drivers[name].timed(args.block)
             if name == "other" and isinstance(other, Setup):
                 other.settle()  # its background work, in its own block
+            elif name == "other" and isinstance(other, _Skeleton):
+                other.finished.clear()  # what a scrape would take, in its own block
             block[name] = (time.process_time() - cpu) / args.block * 1e6
             per_request[name].append(block[name])
         ratios.append(block["other"] / block["bare"])
@@ -265,6 +367,8 @@ async def _pairs(args: argparse.Namespace) -> dict[str, Any]:
     else:
         counted = drivers["other"].sent - counted_from
         problems = [] if other.stats.done == counted else [f"{other.stats.done} of {counted}"]
+        if other.inflight:
+            problems.append(f"{len(other.inflight)} notes left in flight")
     await bare.client.aclose()
     await other.client.aclose()
     return {
