@@ -11,8 +11,16 @@ A request's life, and the method that marks each step::
                  └─ requeue()  (httpcore handed the connection to another request)  failed or
                                                                                    leaked())
 
-Every method takes the core's lock: the sync client calls them from many threads, and an
-uncontended lock costs far less than one request's bookkeeping.
+The request path only notes: each step writes times and flags on its own request's record
+(a request is one task or thread at a time, so no lock), and the record moves into the
+in-flight map and, at its end, into a list of finished ones. The gauges are derived from the
+records in flight when someone reads (``snapshot()``, ``waiting()``, ``connection_load()``),
+and the counters and histograms are counted from the records by ``snapshot()``, or by
+``finish()`` once ``_COUNT_AT`` have finished unread: under the core's lock, in one warm loop,
+cheaper than in each request's cold code. ``finish()`` and the rare steps (requeue, trace
+events, failures, leaks) take the lock: the sync client calls them from many threads, and
+readers run in others. A reader that finds a record half written sees it as it was a step
+before: each step writes the field readers test (``pending``, ``t_headers``) last.
 """
 
 from __future__ import annotations
@@ -87,7 +95,7 @@ class OriginStats:
 class ConnRecord:
     """What poolwatch knows of one pooled connection (the connection object is httpcore's)."""
 
-    __slots__ = ("closed", "connected", "http_version", "inflight", "maybe_h2", "origin", "t_open")
+    __slots__ = ("closed", "connected", "held", "http_version", "maybe_h2", "origin", "t_open")
 
     def __init__(self, origin: OriginStats, *, maybe_h2: bool, connected: bool = False) -> None:
         self.origin = origin
@@ -95,8 +103,9 @@ class ConnRecord:
         self.connected = connected
         #: Could negotiate HTTP/2, so stream-slot waits may hide inside the connection call.
         self.maybe_h2 = maybe_h2
-        #: Requests holding this connection now (HTTP/2: open streams, plus those connecting).
-        self.inflight = 0
+        #: Leaked responses holding this connection for good (``PoolCore.connection_load()``
+        #: counts the requests holding it now from the requests in flight).
+        self.held = 0
         #: "1.1" or "2" once a response told.
         self.http_version: str | None = None
         self.t_open: float | None = None
@@ -109,6 +118,7 @@ class RequestRecord:
     __slots__ = (
         "conn",
         "connect_time",
+        "counted",
         "done",
         "error_type",
         "extra",
@@ -149,8 +159,11 @@ class RequestRecord:
         self.t_end: float | None = None
         #: The queue wait recorded in the histogram (the whole life if none was obtained).
         self.queue_wait: float | None = None
-        #: Queue, connect, TLS and time to first byte are in the histograms already.
+        #: Queue, connect and TLS are in the histograms already.
         self.observed = False
+        #: Counted as a request on a connection (new or reused), its time to first byte
+        #: observed: by the first read after its headers came, or at its connection failure.
+        self.counted = False
         self.status: int | None = None
         self.http_version: str | None = None
         self.error_type: str | None = None
@@ -228,8 +241,6 @@ class PoolCore:
         self.max_origins = max_origins
         self._on_origin_overflow = on_origin_overflow
         self._lock = threading.Lock()
-        self.pending = 0
-        self.active = 0
         self.leaked_count = 0
         #: Counts the changes a snapshot can show that may happen while no request is in
         #: flight: a request starting, an origin appearing, a connection closing. (A request's
@@ -254,6 +265,8 @@ class PoolCore:
         self.known_origins: Mapping[OriginKey, OriginStats] = self._by_key
         self._overflow: OriginStats | None = None
         self._inflight: dict[int, RequestRecord] = {}
+        #: Requests over, not yet counted (``_count_finished()``).
+        self._finished: list[RequestRecord] = []
         #: Weak references to the response streams of requests in flight, by ``id(rec)``.
         #: Kept here, not on the record, so that nothing forms a reference cycle: a request's
         #: objects are freed by reference counting, never left to the cyclic collector.
@@ -333,21 +346,12 @@ class PoolCore:
         if self.deferred:
             self.run_deferred()
         rec = RequestRecord(origin, self.clock())
-        lock = self._lock
-        lock.acquire()  # not `with`: ~190 ns against ~480 (four times per request)
-        try:
-            if pending:
-                self.pending += 1
-            else:
-                rec.pending = False
-                rec.t_queue_end = rec.t_ready = rec.t_start
-                rec.observed = True  # no pool: no queue, connect or TLS to observe
-            self.active += 1
-            self.changes += 1
-            origin.active_requests += 1
-            self._inflight[id(rec)] = rec
-        finally:
-            lock.release()
+        if not pending:
+            rec.t_queue_end = rec.t_ready = rec.t_start
+            rec.observed = True  # no pool: no queue, connect or TLS to observe
+            rec.pending = False
+        self._inflight[id(rec)] = rec  # whole before a reader can see it
+        self.changes += 1  # two starts at once may count one: a change all the same
         return rec
 
     def acquire(self, rec: RequestRecord, conn: ConnRecord, end_queue: bool) -> None:
@@ -358,49 +362,33 @@ class PoolCore:
         or for a stream slot inside the connection.
         """
         now = self.clock()
-        lock = self._lock
-        lock.acquire()
-        try:
-            rec.conn = conn
-            conn.inflight += 1
-            if end_queue and rec.pending:
-                rec.pending = False
-                self.pending -= 1
-                rec.t_queue_end = now
-                if conn.connected:
-                    rec.t_ready = now
-        finally:
-            lock.release()
+        rec.conn = conn
+        if end_queue and rec.pending:
+            rec.t_queue_end = now
+            if conn.connected:
+                rec.t_ready = now
+            rec.pending = False  # last: a reader that sees it sees the times
 
     def requeue(self, rec: RequestRecord) -> None:
         """httpcore gave the connection to another request first; back to the queue.
 
         httpcore 1.0.9 does that to most requests at high concurrency (3.5 times per request
-        at C=32 in ``bench/attempts.py``): as cheap as ``acquire()``.
+        at C=32 in ``bench/attempts.py``).
         """
-        lock = self._lock
-        lock.acquire()
-        try:
-            conn = rec.conn
-            if conn is not None:
-                conn.inflight -= 1
-                rec.conn = None
-            if not rec.pending and not rec.done:
-                rec.pending = True
-                self.pending += 1
+        with self._lock:
+            rec.conn = None
             rec.t_queue_end = None
             rec.t_ready = None
-        finally:
-            lock.release()
+            if not rec.done:
+                rec.pending = True
 
     def on_trace_event(self, rec: RequestRecord, name: str) -> None:
         """An httpcore trace event of a traced request (new connections, and HTTP/2)."""
         now = self.clock()
         with self._lock:
             if rec.pending and not rec.done:
-                rec.pending = False
-                self.pending -= 1
                 rec.t_queue_end = now
+                rec.pending = False
             step = _TRACE_STEPS.get(name.rpartition(".")[0].rpartition(".")[2])
             if step is None:
                 if rec.t_ready is None and rec.conn is not None and rec.conn.connected:
@@ -437,46 +425,37 @@ class PoolCore:
     ) -> None:
         """The connection call returned the response headers.
 
-        ``leak_ref``: see ``watch_for_leak()`` (taken here to save a lock round).
+        ``leak_ref``: see ``watch_for_leak()``. The request is counted on its connection, and
+        its queue wait, connect, TLS and time to first byte observed, by the next read
+        (``snapshot()``): known now, so exported then, while an LLM stream may stay open for
+        minutes more.
         """
         now = self.clock()
-        lock = self._lock
-        lock.acquire()
-        try:
-            if not rec.done:
-                if leak_ref is not None:
-                    self._leak_watch[id(rec)] = leak_ref
-                if rec.pending:
-                    # A traced request that saw no event at all (cannot happen with httpcore's
-                    # events, but a foreign connection class might emit none): it waited
-                    # until now.
-                    rec.pending = False
-                    self.pending -= 1
-                    rec.t_queue_end = now
+        if not rec.done:
+            if leak_ref is not None:
+                self._leak_watch[id(rec)] = leak_ref
+            if rec.pending:
+                # A traced request that saw no event at all (cannot happen with httpcore's
+                # events, but a foreign connection class might emit none): it waited until now.
+                rec.t_queue_end = now
+                rec.pending = False
+        if not rec.observed and rec.t_queue_end is not None:
+            rec.queue_wait = rec.t_queue_end - rec.t_start  # the exporters read it now
+        rec.status = status
+        if http_version is not None:
+            rec.http_version = http_version
             conn = rec.conn
-            if rec.opened:  # _count_request(), inlined: this runs for every request
-                rec.origin.requests_new += 1
-            elif conn is not None and conn.connected:
-                rec.origin.requests_reused += 1
-            rec.t_headers = now
-            t_ready = rec.t_ready
-            if t_ready is not None:
-                self.ttfb.observe(now - t_ready)
-            if not rec.observed:
-                # Known now, so exported now: an LLM stream may stay open for minutes more.
-                self._observe_phases(rec)
-            rec.status = status
-            if http_version is not None:
-                rec.http_version = http_version
-                if conn is None:
+            if conn is None:  # a transport without a pool
+                if http_version not in rec.origin.http_versions:
+                    with self._lock:  # readers sort the versions
+                        rec.origin.http_versions.add(http_version)
+            elif conn.http_version is None:  # the connection's first response
+                with self._lock:
                     rec.origin.http_versions.add(http_version)
-                elif conn.http_version is None:  # the connection's first response
                     conn.http_version = http_version
-                    rec.origin.http_versions.add(http_version)
                     if http_version != "2":
                         conn.maybe_h2 = False
-        finally:
-            lock.release()
+        rec.t_headers = now  # last: a reader that sees it sees the rest
 
     def call_failed(self, rec: RequestRecord) -> None:
         """The connection call raised after ``acquire()``."""
@@ -486,13 +465,14 @@ class PoolCore:
                 # slot or another request's connect): not a request on a connection, and its
                 # wait is observed when it finishes.
                 return
-            self._count_request(rec)
+            if not rec.counted:
+                rec.counted = True
+                self._count_request(rec)
             if not rec.observed:
                 self._observe_phases(rec)
 
     def _count_request(self, rec: RequestRecord) -> None:
-        """A request that obtained a connection, new or reused (caller holds the lock; inlined
-        in ``headers()``)."""
+        """A request that obtained a connection, new or reused (caller holds the lock)."""
         reused = rec.reused
         if reused:
             rec.origin.requests_reused += 1
@@ -511,40 +491,65 @@ class PoolCore:
         """
         now = self.clock()
         lock = self._lock
-        lock.acquire()
+        lock.acquire()  # not `with`: ~190 ns against ~480
         try:
             if rec.done:
                 return False
             rec.done = True
             rec.t_end = now
+            if rec.pending:
+                # It never got a connection: the whole wait counts (PoolTimeout, cancelled).
+                rec.t_queue_end = now
+                rec.pending = False
+            if not rec.observed and rec.queue_wait is None and rec.t_queue_end is not None:
+                rec.queue_wait = rec.t_queue_end - rec.t_start  # the exporters read it now
+            if error_type is not None:
+                rec.error_type = error_type
+                errors = rec.origin.errors
+                errors[error_type] = errors.get(error_type, 0) + 1
+            if pool_timeout:
+                rec.origin.timeouts += 1
             key = id(rec)
             self._inflight.pop(key, None)
             self._leak_watch.pop(key, None)
-            origin = rec.origin
-            if rec.pending:
-                rec.pending = False
-                self.pending -= 1
-                # It never got a connection: the whole wait counts (PoolTimeout, cancelled).
-                rec.t_queue_end = now
-            if not rec.observed:
-                self._observe_phases(rec)
-            self.active -= 1
-            origin.active_requests -= 1
-            conn = rec.conn
-            if conn is not None and not rec.leaked:
-                conn.inflight -= 1
-            durations = self._durations
-            durations.append(now - rec.t_start)
-            if len(durations) >= _FOLD_AT:
-                self._fold()
-            if error_type is not None:
-                rec.error_type = error_type
-                origin.errors[error_type] = origin.errors.get(error_type, 0) + 1
-            if pool_timeout:
-                origin.timeouts += 1
+            finished = self._finished
+            finished.append(rec)
+            if len(finished) >= _COUNT_AT:
+                self._count_finished()
             return True
         finally:
             lock.release()
+
+    def _tally(self, rec: RequestRecord) -> None:
+        """A request whose headers came: counted on its connection, its time to first byte
+        and phases observed (caller holds the lock)."""
+        rec.counted = True
+        if rec.opened:
+            rec.origin.requests_new += 1
+        else:
+            conn = rec.conn
+            if conn is not None and conn.connected:
+                rec.origin.requests_reused += 1
+        t_ready = rec.t_ready
+        if t_ready is not None and rec.t_headers is not None:
+            self.ttfb.observe(rec.t_headers - t_ready)
+        if not rec.observed:
+            self._observe_phases(rec)
+
+    def _count_finished(self) -> None:
+        """Count the requests over since the last time (caller holds the lock)."""
+        durations = self._durations
+        tally = self._tally
+        observe_phases = self._observe_phases
+        for rec in self._finished:
+            if not rec.counted and rec.t_headers is not None:
+                tally(rec)
+            elif not rec.observed:
+                observe_phases(rec)
+            durations.append(cast(float, rec.t_end) - rec.t_start)
+        self._finished.clear()
+        if len(durations) >= _FOLD_AT:
+            self._fold()
 
     def _fold(self) -> None:
         """Sort every histogram's waiting values into buckets (caller holds the lock).
@@ -589,6 +594,8 @@ class PoolCore:
                 return
             rec.leaked = True
             self.leaked_count += 1
+            if rec.conn is not None:
+                rec.conn.held += 1
         self.finish(rec)
 
     # -- connections -----------------------------------------------------------------------
@@ -619,34 +626,59 @@ class PoolCore:
 
     # -- reading ---------------------------------------------------------------------------
 
+    @property
+    def active(self) -> int:
+        """Requests in flight now."""
+        return len(self._inflight)
+
     def waiting(self) -> tuple[int, float]:
         """Requests waiting for a connection now, and how long the oldest has waited: what a
         saturation check needs, without the histograms and origins of a ``snapshot()``."""
         now = self.clock()
         with self._lock:
-            return self.pending, self._ages(now)[0]
+            pending = 0
+            oldest = 0.0
+            for rec in list(self._inflight.values()):
+                if rec.pending:
+                    pending += 1
+                    oldest = max(oldest, now - rec.t_start)
+            return pending, oldest
 
-    def _ages(self, now: float) -> tuple[float, float]:
-        """(oldest waiting request's age, oldest request in flight's age); lock held."""
-        pending_age = 0.0
-        active_age = 0.0
-        for rec in self._inflight.values():
-            age = now - rec.t_start
-            active_age = max(active_age, age)
-            if rec.pending:
-                pending_age = max(pending_age, age)
-        return pending_age, active_age
+    def connection_load(self) -> dict[ConnRecord, int]:
+        """Requests holding each connection now (HTTP/2: open streams, and those connecting),
+        and the leaked responses that hold it for good; a connection not in it holds none."""
+        with self._lock:
+            load = {conn: conn.held for conn in self.conns.values() if conn.held}
+            for rec in list(self._inflight.values()):
+                conn = rec.conn
+                if conn is not None:
+                    load[conn] = load.get(conn, 0) + 1
+            return load
 
     def snapshot(self) -> CoreSnapshot:
         now = self.clock()
         with self._lock:
-            pending_age, active_age = self._ages(now)
+            self._count_finished()
             origins = list(self._origins.values())
             if self._overflow is not None:
                 origins.append(self._overflow)
+            for o in origins:
+                o.active_requests = 0
+            pending = 0
+            pending_age = active_age = 0.0
+            inflight = list(self._inflight.values())
+            for rec in inflight:
+                rec.origin.active_requests += 1
+                age = now - rec.t_start
+                active_age = max(active_age, age)
+                if rec.pending:
+                    pending += 1
+                    pending_age = max(pending_age, age)
+                elif not rec.counted and rec.t_headers is not None:
+                    self._tally(rec)
             return CoreSnapshot(
-                pending_requests=self.pending,
-                active_requests=self.active,
+                pending_requests=pending,
+                active_requests=len(inflight),
                 leaked_responses=self.leaked_count,
                 pending_max_age=pending_age,
                 active_max_age=active_age,
@@ -719,6 +751,8 @@ NO_ERRORS: Mapping[str, int] = MappingProxyType({})
 
 #: Waiting histogram values that make ``finish()`` fold them (bounds memory between reads).
 _FOLD_AT = 1024
+#: Finished requests that make ``finish()`` count them (each keeps its record until then).
+_COUNT_AT = 256
 
 _CONNECT = 1
 _TLS = 2

@@ -252,6 +252,7 @@ class ClientWatch:
             core.run_deferred()
         pending, pending_age = core.waiting()
         conns = core.conns
+        load = core.connection_load()
         active = 0
         for p in self._pools:
             try:
@@ -260,7 +261,7 @@ class ClientWatch:
                         continue
                     record = conns.get(id(conn))
                     if record is not None:
-                        active += record.inflight != 0  # as snapshot() tells idle
+                        active += record in load  # as snapshot() tells idle
                     elif _httpcore.connection_origin_key(conn) is not None:
                         active += not _httpcore.is_connection_idle(conn)
             except Exception as exc:  # that pool's connections are missing, as in snapshot()
@@ -301,6 +302,7 @@ class ClientWatch:
         to_check: list[tuple[Any, str]] = []  # idle: alive unless the server closed them
         idle_keys: dict[int, tuple[OriginStats, str, str]] = {}
         conns = core.conns
+        load = core.connection_load()
         unreadable = 0
         for p in self._pools:
             try:
@@ -323,7 +325,7 @@ class ClientWatch:
                     else:
                         origin = record.origin
                         version = record.http_version or ""
-                        is_idle = record.inflight == 0
+                        is_idle = record not in load
                         connecting = is_idle and not record.connected
                         if is_idle and not connecting and not version:
                             version = _httpcore.connection_http_version(conn) or ""

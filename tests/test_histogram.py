@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from poolwatch._catalogue import REQUEST_TIME_BUCKETS
-from poolwatch._core import _FOLD_AT, PoolCore
+from poolwatch._core import _COUNT_AT, _FOLD_AT, PoolCore
 from poolwatch._histogram import Histogram
 
 times = st.floats(min_value=0.0, max_value=10_000.0, allow_nan=False)
@@ -53,6 +53,7 @@ def test_values_nobody_reads_stay_bounded_and_all_count_once_read() -> None:
         core.finish(rec)
         assert len(core.request_duration.waiting) < _FOLD_AT
         assert len(origin.time_in_queue.waiting) < _FOLD_AT
+        assert len(core._finished) < _COUNT_AT  # records wait to be counted, not for ever
     snap = core.snapshot()
     assert snap.request_duration.count == 5 * _FOLD_AT + 7
     assert snap.origins[0].time_in_queue.count == 5 * _FOLD_AT + 7

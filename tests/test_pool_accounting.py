@@ -546,6 +546,31 @@ def test_an_error_in_the_middle_of_the_body_is_counted_by_its_type(
     assert_at_rest(snap)
 
 
+def test_a_streamed_response_is_counted_by_a_reading_while_open_and_not_again_at_its_close(
+    hx: Any, loopback_server: LoopbackServer
+) -> None:
+    # The request path only notes times; readings count. A response still streaming (an LLM
+    # answer) must be in the figures as soon as its headers came, and once only.
+    with hx.Client() as client:
+        poolwatch.instrument(client)
+        with client.stream("GET", f"{loopback_server.url}/ok") as response:
+            assert response.status_code == 200
+            open_ = poolwatch.snapshot(client)
+            assert open_.active_requests == 1
+            assert open_.pending_requests == 0
+            assert open_.requests_total == 1 == loopback_server.stats.requests
+            assert open_.origins[0].time_in_queue.count == 1
+            assert open_.time_to_first_byte.count == 1
+            assert open_.request_duration.count == 0  # not over yet
+            response.read()
+        closed = poolwatch.snapshot(client)
+    assert closed.requests_total == 1
+    assert closed.origins[0].time_in_queue.count == 1
+    assert closed.time_to_first_byte.count == 1
+    assert closed.request_duration.count == 1
+    assert_at_rest(closed)
+
+
 def test_a_client_at_rest_is_read_once_and_read_again_after_a_request_or_a_close(
     hx: Any, loopback_server: LoopbackServer
 ) -> None:
