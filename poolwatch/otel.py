@@ -318,6 +318,17 @@ class _OtelExporter:
         state: _Enriched | _Owned | None = states.get(self)
         return state
 
+    def _take_state(self, rec: RequestRecord) -> _Enriched | _Owned | None:
+        """This exporter's state of a request that is over, removed from it: the record may
+        wait a while to be counted (``PoolCore.finish()``), the parent context need not."""
+        states = rec.extra
+        if states is None:
+            return None
+        state: _Enriched | _Owned | None = states.pop(self, None)
+        if not states:
+            rec.extra = None
+        return state
+
     def _set_state(self, rec: RequestRecord, state: _Enriched | _Owned) -> None:
         """``rec.extra`` is the exporters' dict of states, by exporter (only they set it)."""
         states = rec.extra
@@ -374,7 +385,7 @@ class _OtelExporter:
             self._record_phases(rec, pool_name, pool_attributes)
         if self._request_histograms and rec.t_end is not None:
             self._record(c.REQUEST_DURATION, rec.t_end - rec.t_start, pool_attributes)
-        state = self._state(rec)
+        state = self._take_state(rec)
         if isinstance(state, _Owned):
             # The span is made now, with everything learnt since the start in one go: the
             # SDK's cost is per call and per attribute. Its start time and parent are the

@@ -508,6 +508,24 @@ def test_poolwatch_alone_makes_one_client_span_per_request_with_semconv_and_pool
     assert_wait_spans_match_the_queue(spans)
 
 
+def test_a_finished_request_waiting_to_be_counted_keeps_no_span_state(
+    hx: Any, otel: Otel, loopback_server: LoopbackServer
+) -> None:
+    # The core keeps a finished request's record until a reading counts it: the span's
+    # attributes and parent context must not wait with it.
+    with hx.Client() as client:
+        poolwatch.instrument(client, name="otel-state")
+        core = _api._lookup(client).core  # type: ignore[union-attr]
+        for _ in range(3):
+            client.get(f"{loopback_server.url}/ok")
+        waiting = list(core._finished)
+        assert len(waiting) == 3  # nothing read them yet
+        assert [rec.extra for rec in waiting] == [None, None, None]
+        assert len(client_spans(otel.spans())) == 3
+        assert poolwatch.snapshot(client).requests_total == 3
+        assert core._finished == []
+
+
 def test_requests_that_queue_get_a_wait_for_connection_child_spanning_their_queue_time(
     hx: Any, otel: Otel, loopback_server: LoopbackServer
 ) -> None:
