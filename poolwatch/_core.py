@@ -466,18 +466,7 @@ class PoolCore:
                 # wait is observed when it finishes.
                 return
             if not rec.counted:
-                rec.counted = True
-                self._count_request(rec)
-            if not rec.observed:
-                self._observe_phases(rec)
-
-    def _count_request(self, rec: RequestRecord) -> None:
-        """A request that obtained a connection, new or reused (caller holds the lock)."""
-        reused = rec.reused
-        if reused:
-            rec.origin.requests_reused += 1
-        elif reused is not None:
-            rec.origin.requests_new += 1
+                self._tally(rec)
 
     def finish(
         self,
@@ -521,15 +510,15 @@ class PoolCore:
             lock.release()
 
     def _tally(self, rec: RequestRecord) -> None:
-        """A request whose headers came: counted on its connection, its time to first byte
-        and phases observed (caller holds the lock)."""
+        """A request that obtained a connection (its headers came, or its connection call
+        failed): counted new or reused, its time to first byte (if any) and phases observed
+        (caller holds the lock)."""
         rec.counted = True
-        if rec.opened:
+        reused = rec.reused
+        if reused:
+            rec.origin.requests_reused += 1
+        elif reused is not None:
             rec.origin.requests_new += 1
-        else:
-            conn = rec.conn
-            if conn is not None and conn.connected:
-                rec.origin.requests_reused += 1
         t_ready = rec.t_ready
         if t_ready is not None and rec.t_headers is not None:
             self.ttfb.observe(rec.t_headers - t_ready)
