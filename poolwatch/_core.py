@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, cast
@@ -112,32 +112,45 @@ class ConnRecord:
         self.closed = False
 
 
+class Opening:
+    """How a traced request's own connection came up: connect and TLS, from trace events.
+
+    Made at the first connect or TLS event only: a request on a connection already up (most
+    of them) has none, and its record stays small.
+    """
+
+    __slots__ = ("connect_time", "opened", "t_step", "tls_time")
+
+    def __init__(self) -> None:
+        #: When the step under way (connect, a TLS handshake) started; they never overlap.
+        self.t_step: float | None = None
+        self.connect_time: float | None = None
+        #: Summed over handshakes (a proxy's, then the origin's through it).
+        self.tls_time: float | None = None
+        #: This request's own connect opened the connection it ran on.
+        self.opened = False
+
+
 class RequestRecord:
     """One request's passage through the pool, with the times of each step."""
 
     __slots__ = (
         "conn",
-        "connect_time",
         "counted",
         "done",
         "error_type",
         "extra",
         "http_version",
-        "leaked",
-        "observed",
-        "opened",
+        "opening",
         "origin",
         "pending",
-        "queue_wait",
         "status",
-        "t_connect_start",
+        "stream_ref",
         "t_end",
         "t_headers",
         "t_queue_end",
         "t_ready",
         "t_start",
-        "t_tls_start",
-        "tls_time",
     )
 
     def __init__(self, origin: OriginStats, t_start: float) -> None:
@@ -145,47 +158,54 @@ class RequestRecord:
         self.t_start = t_start
         self.pending = True
         self.done = False
+        #: The connection the pool handed over (dropped if it never did: see ``finish()``).
         self.conn: ConnRecord | None = None
-        #: This request's own connect opened the connection it ran on.
-        self.opened = False
+        self.opening: Opening | None = None
+        #: The end of the queue wait; ``None`` while waiting, or with no pool to wait for.
         self.t_queue_end: float | None = None
-        self.t_connect_start: float | None = None
-        self.t_tls_start: float | None = None
-        self.connect_time: float | None = None
-        self.tls_time: float | None = None
         #: When the connection was ready to send on (after connect and TLS, or at acquire).
         self.t_ready: float | None = None
         self.t_headers: float | None = None
         self.t_end: float | None = None
-        #: The queue wait recorded in the histogram (the whole life if none was obtained).
-        self.queue_wait: float | None = None
-        #: Queue, connect and TLS are in the histograms already.
-        self.observed = False
-        #: Counted as a request on a connection (new or reused), its time to first byte
-        #: observed: by the first read after its headers came, or at its connection failure.
+        #: Counted (new or reused, time to first byte, queue, connect, TLS): by the first read
+        #: after its headers came, at its connection failure, or after its end.
         self.counted = False
         self.status: int | None = None
         self.http_version: str | None = None
         self.error_type: str | None = None
-        #: Garbage-collected without being closed: its connection stays held.
-        self.leaked = False
+        #: The weak reference to the response stream that detects a leak, while in flight
+        #: (its callback holds this record: ``finish()`` breaks the cycle).
+        self.stream_ref: object = None
         #: Exporters' per-request state (an OTel span), opaque to the core.
         self.extra: dict[Any, Any] | None = None
 
     @property
     def reused(self) -> bool | None:
         """Whether the connection already existed; ``None`` before one was obtained."""
-        if self.opened:
+        opening = self.opening
+        if opening is not None and opening.opened:
             return False
-        if self.conn is not None and self.conn.connected:
+        conn = self.conn
+        if conn is not None and conn.connected:
             return True
         return None
 
     @property
     def queue_time(self) -> float | None:
+        """How long it waited for a connection; ``None`` while it waits, or without a pool."""
         if self.t_queue_end is None:
             return None
         return self.t_queue_end - self.t_start
+
+    @property
+    def connect_time(self) -> float | None:
+        opening = self.opening
+        return None if opening is None else opening.connect_time
+
+    @property
+    def tls_time(self) -> float | None:
+        opening = self.opening
+        return None if opening is None else opening.tls_time
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,10 +287,6 @@ class PoolCore:
         self._inflight: dict[int, RequestRecord] = {}
         #: Requests over, not yet counted (``_count_finished()``).
         self._finished: list[RequestRecord] = []
-        #: Weak references to the response streams of requests in flight, by ``id(rec)``.
-        #: Kept here, not on the record, so that nothing forms a reference cycle: a request's
-        #: objects are freed by reference counting, never left to the cyclic collector.
-        self._leak_watch: dict[int, object] = {}
         #: Connections by ``id()``; the shells drop entries when a connection closes.
         self.conns: dict[int, ConnRecord] = {}
 
@@ -346,9 +362,8 @@ class PoolCore:
         if self.deferred:
             self.run_deferred()
         rec = RequestRecord(origin, self.clock())
-        if not pending:
-            rec.t_queue_end = rec.t_ready = rec.t_start
-            rec.observed = True  # no pool: no queue, connect or TLS to observe
+        if not pending:  # no pool: no queue wait, connect or TLS to observe
+            rec.t_ready = rec.t_start
             rec.pending = False
         self._inflight[id(rec)] = rec  # whole before a reader can see it
         self.changes += 1  # two starts at once may count one: a change all the same
@@ -389,32 +404,33 @@ class PoolCore:
             if rec.pending and not rec.done:
                 rec.t_queue_end = now
                 rec.pending = False
-            step = _TRACE_STEPS.get(name.rpartition(".")[0].rpartition(".")[2])
+            head, _, phase = name.rpartition(".")
+            step = _TRACE_STEPS.get(head.rpartition(".")[2])
             if step is None:
                 if rec.t_ready is None and rec.conn is not None and rec.conn.connected:
                     rec.t_ready = now
                 return
-            phase = name.rpartition(".")[2]
+            opening = rec.opening
+            if opening is None:
+                opening = rec.opening = Opening()
+            if phase == "started":
+                opening.t_step = now
+                return
+            if phase != "complete":
+                return
+            elapsed = None if opening.t_step is None else now - opening.t_step
+            opening.t_step = None
+            rec.t_ready = now
             if step == _CONNECT:
-                if phase == "started":
-                    rec.t_connect_start = now
-                elif phase == "complete":
-                    if rec.t_connect_start is not None:
-                        rec.connect_time = now - rec.t_connect_start
-                    rec.opened = True
-                    rec.t_ready = now
-                    conn = rec.conn
-                    if conn is not None and not conn.connected:
-                        conn.connected = True
-                        conn.t_open = now
-                    rec.origin.connections_created += 1
-            elif step == _TLS:
-                if phase == "started":
-                    rec.t_tls_start = now
-                elif phase == "complete":
-                    if rec.t_tls_start is not None:
-                        rec.tls_time = (rec.tls_time or 0.0) + (now - rec.t_tls_start)
-                    rec.t_ready = now
+                opening.connect_time = elapsed
+                opening.opened = True
+                conn = rec.conn
+                if conn is not None and not conn.connected:
+                    conn.connected = True
+                    conn.t_open = now
+                rec.origin.connections_created += 1
+            elif elapsed is not None:
+                opening.tls_time = (opening.tls_time or 0.0) + elapsed
 
     def headers(
         self,
@@ -433,14 +449,12 @@ class PoolCore:
         now = self.clock()
         if not rec.done:
             if leak_ref is not None:
-                self._leak_watch[id(rec)] = leak_ref
+                rec.stream_ref = leak_ref
             if rec.pending:
                 # A traced request that saw no event at all (cannot happen with httpcore's
                 # events, but a foreign connection class might emit none): it waited until now.
                 rec.t_queue_end = now
                 rec.pending = False
-        if not rec.observed and rec.t_queue_end is not None:
-            rec.queue_wait = rec.t_queue_end - rec.t_start  # the exporters read it now
         rec.status = status
         if http_version is not None:
             rec.http_version = http_version
@@ -465,8 +479,7 @@ class PoolCore:
                 # slot or another request's connect): not a request on a connection, and its
                 # wait is observed when it finishes.
                 return
-            if not rec.counted:
-                self._tally(rec)
+            self._count((rec,))
 
     def finish(
         self,
@@ -486,21 +499,20 @@ class PoolCore:
                 return False
             rec.done = True
             rec.t_end = now
+            rec.stream_ref = None  # its callback holds the record
             if rec.pending:
-                # It never got a connection: the whole wait counts (PoolTimeout, cancelled).
+                # It never got a connection (PoolTimeout, cancelled; HTTP/2: one handed over,
+                # but no stream on it yet): the whole wait counts, and no request on one.
                 rec.t_queue_end = now
+                rec.conn = None
                 rec.pending = False
-            if not rec.observed and rec.queue_wait is None and rec.t_queue_end is not None:
-                rec.queue_wait = rec.t_queue_end - rec.t_start  # the exporters read it now
             if error_type is not None:
                 rec.error_type = error_type
                 errors = rec.origin.errors
                 errors[error_type] = errors.get(error_type, 0) + 1
             if pool_timeout:
                 rec.origin.timeouts += 1
-            key = id(rec)
-            self._inflight.pop(key, None)
-            self._leak_watch.pop(key, None)
+            self._inflight.pop(id(rec), None)
             finished = self._finished
             finished.append(rec)
             if len(finished) >= _COUNT_AT:
@@ -509,34 +521,39 @@ class PoolCore:
         finally:
             lock.release()
 
-    def _tally(self, rec: RequestRecord) -> None:
-        """A request that obtained a connection (its headers came, or its connection call
-        failed): counted new or reused, its time to first byte (if any) and phases observed
-        (caller holds the lock)."""
-        rec.counted = True
-        reused = rec.reused
-        if reused:
-            rec.origin.requests_reused += 1
-        elif reused is not None:
-            rec.origin.requests_new += 1
-        t_ready = rec.t_ready
-        if t_ready is not None and rec.t_headers is not None:
-            self.ttfb.observe(rec.t_headers - t_ready)
-        if not rec.observed:
-            self._observe_phases(rec)
+    def _count(self, recs: Iterable[RequestRecord]) -> None:
+        """Count the requests not counted yet, once each (caller holds the lock): on a new
+        connection or a reused one (if one was obtained), their queue wait, connect, TLS and
+        time to first byte (those known)."""
+        ttfb = self.ttfb.observe
+        for rec in recs:
+            if rec.counted:
+                continue
+            rec.counted = True
+            origin = rec.origin
+            reused = rec.reused
+            if reused:
+                origin.requests_reused += 1
+            elif reused is not None:
+                origin.requests_new += 1
+            if rec.t_queue_end is not None:
+                origin.time_in_queue.observe(rec.t_queue_end - rec.t_start)
+            if rec.t_headers is not None and rec.t_ready is not None:
+                ttfb(rec.t_headers - rec.t_ready)
+            opening = rec.opening
+            if opening is not None:
+                if opening.connect_time is not None:
+                    self.connect_time.observe(opening.connect_time)
+                if opening.tls_time is not None:
+                    self.tls_time.observe(opening.tls_time)
 
     def _count_finished(self) -> None:
         """Count the requests over since the last time (caller holds the lock)."""
+        finished = self._finished
+        self._count(finished)
         durations = self._durations
-        tally = self._tally
-        observe_phases = self._observe_phases
-        for rec in self._finished:
-            if not rec.counted and rec.t_headers is not None:
-                tally(rec)
-            elif not rec.observed:
-                observe_phases(rec)
-            durations.append(cast(float, rec.t_end) - rec.t_start)
-        self._finished.clear()
+        durations += [cast(float, rec.t_end) - rec.t_start for rec in finished]
+        finished.clear()
         if len(durations) >= _FOLD_AT:
             self._fold()
 
@@ -555,22 +572,11 @@ class PoolCore:
             self._overflow.time_in_queue.fold()
             self._overflow.connection_duration.fold()
 
-    def _observe_phases(self, rec: RequestRecord) -> None:
-        """Queue wait, connect and TLS into the histograms, once (caller holds the lock)."""
-        rec.observed = True
-        if rec.t_queue_end is not None:
-            rec.queue_wait = rec.t_queue_end - rec.t_start
-            rec.origin.time_in_queue.observe(rec.queue_wait)
-        if rec.connect_time is not None:
-            self.connect_time.observe(rec.connect_time)
-        if rec.tls_time is not None:
-            self.tls_time.observe(rec.tls_time)
-
     def watch_for_leak(self, rec: RequestRecord, ref: object) -> None:
         """Keep ``ref`` (a weak reference to the response stream) while the request lasts."""
         with self._lock:
             if not rec.done:
-                self._leak_watch[id(rec)] = ref
+                rec.stream_ref = ref
 
     def leaked(self, rec: RequestRecord) -> None:
         """The response was garbage-collected without being closed.
@@ -581,7 +587,6 @@ class PoolCore:
         with self._lock:
             if rec.done:
                 return
-            rec.leaked = True
             self.leaked_count += 1
             if rec.conn is not None:
                 rec.conn.held += 1
@@ -656,6 +661,7 @@ class PoolCore:
             pending = 0
             pending_age = active_age = 0.0
             inflight = list(self._inflight.values())
+            responded = []  # counted now: an LLM stream may stay open for minutes more
             for rec in inflight:
                 rec.origin.active_requests += 1
                 age = now - rec.t_start
@@ -663,8 +669,9 @@ class PoolCore:
                 if rec.pending:
                     pending += 1
                     pending_age = max(pending_age, age)
-                elif not rec.counted and rec.t_headers is not None:
-                    self._tally(rec)
+                elif rec.t_headers is not None:
+                    responded.append(rec)
+            self._count(responded)
             return CoreSnapshot(
                 pending_requests=pending,
                 active_requests=len(inflight),

@@ -369,10 +369,9 @@ class _OtelExporter:
     def _record_phases(
         self, rec: RequestRecord, pool_name: str, pool_attributes: dict[str, Any]
     ) -> None:
-        if rec.queue_wait is not None:
-            self._record(
-                c.TIME_IN_QUEUE, rec.queue_wait, self._origin_attributes(rec.origin, pool_name)
-            )
+        queue = rec.queue_time
+        if queue is not None:
+            self._record(c.TIME_IN_QUEUE, queue, self._origin_attributes(rec.origin, pool_name))
         if rec.connect_time is not None:
             self._record(c.CONNECT_TIME, rec.connect_time, pool_attributes)
         if rec.tls_time is not None:
