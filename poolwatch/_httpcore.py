@@ -433,14 +433,20 @@ def released_connection(stream: Any) -> Any | None:
     wrapping each response stream's close costs an object, a weak reference and an instance
     dictionary per request.
     """
-    cls = type(stream)
-    known = _RELEASING.get(cls)
+    known = _RELEASING.get(type(stream))
+    if known:
+        return getattr(stream, "_connection", None)
     if known is None:
-        known = _RELEASING[cls] = (
-            cls.__name__ == "HTTP11ConnectionByteStream"
-            and cls.__module__.partition(".")[0] in ("httpcore", "httpcore2")
-        )
-    return getattr(stream, "_connection", None) if known else None
+        _RELEASING[type(stream)] = _is_releasing(type(stream))
+        return released_connection(stream)
+    return None
+
+
+def _is_releasing(cls: type) -> bool:
+    return (
+        cls.__name__ == "HTTP11ConnectionByteStream"
+        and cls.__module__.partition(".")[0] in ("httpcore", "httpcore2")
+    )
 
 
 #: The HTTP/1.1 connection's method that releases it when a response closes.
