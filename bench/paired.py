@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextvars
 import gc
 import importlib
 import json
@@ -118,12 +117,12 @@ class _TraceFloor:
 class _Skeleton:
     """A bare client given parts of poolwatch's hooking, with no bookkeeping at all: what the
     hooks cost by themselves. ``parts``: ``entry`` (a coroutine wrapper on the pool's request
-    call, with a context variable, as poolwatch's pool entry), ``connections`` (a coroutine
-    wrapper per connection for its request call and its close, set as instance attributes, as
-    poolwatch's), ``streams`` (a close wrapper per response holding a weak reference to the
-    stream), ``release`` (a coroutine wrapper on each HTTP/1.1 connection's
-    ``_response_closed``, set once per connection as an instance attribute: how poolwatch
-    ends a request since 614634f), ``attributes`` (only two instance attributes per
+    call that tags the request for the connection's call, as poolwatch's pool entry),
+    ``connections`` (a coroutine wrapper per connection for its request call and its close,
+    set as instance attributes, as poolwatch's), ``streams`` (a close wrapper per response
+    holding a weak reference to the stream), ``release`` (a coroutine wrapper on each HTTP/1.1
+    connection's ``_response_closed``, set once per connection as an instance attribute: how
+    poolwatch ends a request since 614634f), ``attributes`` (only two instance attributes per
     connection, holding its own bound methods: no wrapper at all). Set after the warm-up, on
     the connections the pool has then and on those it makes later."""
 
@@ -139,32 +138,24 @@ class _Skeleton:
     def hook(self) -> None:
         pool, parts, stats = self._bare.pool, self.parts, self.stats
         pool_cls = type(pool)
-        if "entry" in parts and "ledger" in parts:
+        if "entry" in parts:
+            ledger = "ledger" in parts
             inflight = self.inflight
             clock = time.perf_counter
 
             async def entry(request: Any) -> Any:
-                note = _Note(clock())
-                inflight[id(note)] = note
-                token = _CURRENT.set(note)
+                note = None
+                if ledger:
+                    note = _Note(clock())
+                    inflight[id(note)] = note
+                request._paired_note = note  # the connection's call reads it, as poolwatch's
                 try:
                     return await pool_cls.handle_async_request(pool, request)
                 except BaseException:
-                    inflight.pop(id(note), None)
+                    if note is not None:
+                        inflight.pop(id(note), None)
                     raise
                 finally:
-                    _CURRENT.reset(token)
-                    stats.done += 1
-
-            pool.handle_async_request = entry
-        elif "entry" in parts:
-
-            async def entry(request: Any) -> Any:
-                token = _CURRENT.set(request)
-                try:
-                    return await pool_cls.handle_async_request(pool, request)
-                finally:
-                    _CURRENT.reset(token)
                     stats.done += 1
 
             pool.handle_async_request = entry
@@ -194,7 +185,7 @@ class _Skeleton:
         finished, inflight = self.finished, self.inflight
 
         async def handle_async_request(request: Any) -> Any:
-            note = _CURRENT.get()
+            note = getattr(request, "_paired_note", None)
             if ledger:
                 note.acquired = clock()
                 note.conn = conn
@@ -293,7 +284,6 @@ def _ignore(ref: Any) -> None:
     del ref
 
 
-_CURRENT: contextvars.ContextVar[Any] = contextvars.ContextVar("paired", default=None)
 #: ``--variants`` names of ``_Skeleton``, and the parts each one hooks.
 SKELETONS = {
     "hooks-skeleton": {"entry", "connections", "streams"},
