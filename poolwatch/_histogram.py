@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
@@ -38,9 +38,23 @@ class Histogram:
             return
         counts = self.counts
         bounds = self.bounds
-        for value in waiting:
-            counts[bisect_left(bounds, value)] += 1
-        self.count += len(waiting)
+        n = len(waiting)
+        if n < _SORT_FROM:
+            for value in waiting:
+                counts[bisect_left(bounds, value)] += 1  # the first bound >= value: `le`
+        else:
+            # Sorted first: list.sort compares floats natively, where a bisection per value
+            # compares through the generic protocol (~40 ns a value against ~130).
+            waiting.sort()
+            placed = 0
+            for i, bound in enumerate(bounds):
+                if placed == n:
+                    break
+                upto = bisect_right(waiting, bound, placed)  # the values <= bound
+                counts[i] += upto - placed
+                placed = upto
+            counts[-1] += n - placed
+        self.count += n
         self.sum += sum(waiting)
         waiting.clear()
 
@@ -54,6 +68,10 @@ class Histogram:
                 self.bounds, tuple(self.counts), self.count, self.sum
             )
         return last
+
+
+#: Waiting values from which ``fold()`` sorts them, rather than bisecting the bounds for each.
+_SORT_FROM = 8
 
 
 @dataclass(frozen=True, slots=True)
