@@ -443,14 +443,39 @@ def released_connection(stream: Any) -> Any | None:
 
 
 def _is_releasing(cls: type) -> bool:
-    return (
-        cls.__name__ == "HTTP11ConnectionByteStream"
-        and cls.__module__.partition(".")[0] in ("httpcore", "httpcore2")
-    )
+    package = cls.__module__.partition(".")[0]
+    return cls.__name__ == "HTTP11ConnectionByteStream" and package in ("httpcore", "httpcore2")
 
+
+def _h11_sentinels() -> tuple[object, object, object]:
+    try:
+        import h11  # noqa: PLC0415 (httpcore and httpcore2 both need it)
+    except ImportError:  # pragma: no cover
+        return object(), object(), object()  # sentinels that no state or role is
+    return h11.DONE, h11.CLIENT, h11.SERVER
+
+
+#: h11's state of a side whose message is complete and that may send another, and its two
+#: roles (httpcore's HTTP/1.1 connections speak through h11).
+_H11_DONE, _H11_CLIENT, _H11_SERVER = _h11_sentinels()
 
 #: The HTTP/1.1 connection's method that releases it when a response closes.
 RELEASE = "_response_closed"
+
+
+def release_keeps_open(inner: Any) -> bool:
+    """Whether releasing the HTTP/1.1 connection ``inner`` (``_response_closed()``, about to
+    run) keeps it open for another request: httpcore's own test, both sides of the exchange
+    done. False when that cannot be told, so that the caller watches the release.
+
+    Read from h11's state table (its ``our_state`` and ``their_state`` properties read the
+    same, at three times the cost: ~180 ns a request against ~65).
+    """
+    try:
+        states = inner._h11_state._cstate.states
+        return states[_H11_CLIENT] is _H11_DONE and states[_H11_SERVER] is _H11_DONE
+    except Exception:
+        return False
 
 
 def can_hook_release(inner: Any) -> bool:

@@ -11,8 +11,10 @@ poolwatch sits at three places inside an httpcore pool, as instance attributes:
 the HTTP/1.1 connection's ``_response_closed``, else the response stream's ``aclose`` / ``close``
     the connection is released: the request is over. httpcore calls them on every ending,
     closed by the caller, fully read, or failed mid-body; a stream garbage-collected without
-    them is a leaked response. HTTP/1.1 connections of httpcore's own are hooked once each;
-    any other response stream (HTTP/2, a proxy's) gets its close wrapped, per request.
+    them is a leaked response. HTTP/1.1 connections of httpcore's own are hooked once each
+    (the request ends before the release, which runs as httpcore's own unless it is to close
+    the connection); any other response stream (HTTP/2, a proxy's) gets its close wrapped,
+    per request.
 
 Each async function has a sync twin a few lines below it; the logic they share lives in the
 core and in the plain helpers here, so the twins differ only by ``await``.
@@ -454,9 +456,8 @@ def _sync_trace(
 # -- the end of a request: the connection-level stream closes -----------------------------
 
 
-def _stream_closed(site: _Site, rec: RequestRecord) -> None:
-    """The response stream closed; an exception being handled means it failed mid-body."""
-    core = site.core
+def _request_over(site: _Site, rec: RequestRecord) -> None:
+    """The request's response is over; an exception being handled means it failed mid-body."""
     try:
         exc = sys.exception()
         error_type = None
@@ -464,16 +465,26 @@ def _stream_closed(site: _Site, rec: RequestRecord) -> None:
             site.flavour.owns_exception(exc) or error_type_of(exc) == "cancelled"
         ):
             error_type = error_type_of(exc)
-        finished = core.finish(rec, error_type)
-        record = site.record
-        # The HTTP/1.1 connection itself when hooked: one call fewer than through its holder.
-        if record is not None and (site.inner or site.conn).is_closed():
-            _connection_gone(core, record, site.key, site.hooks)
+        finished = site.core.finish(rec, error_type)
     except Exception as err:
         report_internal_error("response close bookkeeping", err)
         return
     if finished and site.hooks.on_finish is not None:
         _call_hook(site.hooks.on_finish, rec, "request finish hook")
+
+
+def _stream_closed(site: _Site, rec: RequestRecord) -> None:
+    """A response stream whose close poolwatch wrapped closed (or one it could not watch):
+    the request is over, and its connection may have closed with it."""
+    _request_over(site, rec)
+    record = site.record
+    if record is None:
+        return
+    try:
+        if site.conn.is_closed():
+            _connection_gone(site.core, record, site.key, site.hooks)
+    except Exception as err:
+        report_internal_error("response close bookkeeping", err)
 
 
 #: The name of the HTTP/1.1 connection method ``_Release`` replaces.
@@ -482,14 +493,12 @@ _RELEASE = _httpcore.RELEASE
 
 class _Release:
     """Replaces an HTTP/1.1 connection's ``_response_closed``, which releases the connection
-    when its response closes (read, closed early, or failed mid-body): run it, then end the
-    request whose response it was. One per connection, for all its requests.
+    when its response closes (read, closed early, or failed mid-body): end the request whose
+    response it was, then release. One per connection, for all its requests.
 
     httpcore also calls it when a request fails before its headers arrive; then no request
     is current (``_headers_arrived`` sets it), and the connection call's failure is handled
-    there.
-
-    The request is taken before the release runs: once released, the connection may carry
+    there. The request ends before the release: once released, the connection may carry
     another thread's request, whose headers would make that one current.
     """
 
@@ -501,14 +510,23 @@ class _Release:
         #: ``uninstrument()`` came while a response was open: gone after its release.
         self.detached = False
 
-    def take(self) -> RequestRecord | None:
-        """The request whose response is being released; no longer current."""
+    def request_over(self) -> None:
+        """End the request whose response is being released; none is current after."""
         site = self.site
         rec = site.current
         site.current = None
         if self.detached:
             self.remove()
-        return rec
+        if rec is not None:
+            _request_over(site, rec)
+
+    def closed_by_release(self) -> None:
+        """After the release: the connection closed if the exchange left it unusable."""
+        try:
+            if self.inner.is_closed():
+                _closed(self.site)
+        except Exception as exc:
+            report_internal_error("response close bookkeeping", exc)
 
     def detach(self) -> None:
         """Remove this hook now, or after the release of the response open now."""
@@ -525,27 +543,34 @@ class _Release:
 class _AsyncRelease(_Release):
     __slots__ = ()
 
-    async def __call__(self) -> None:
-        rec = self.take()
+    def __call__(self) -> Awaitable[None]:
+        """The class's own release, for httpcore to await itself: no frame of poolwatch's
+        stays in the await chain (~3,900 instructions a request saved), unless the release is to
+        close the connection, which poolwatch must see."""
+        self.request_over()
+        inner = self.inner
+        release: Awaitable[None] = getattr(type(inner), _RELEASE)(inner)  # as it is now
+        if _httpcore.release_keeps_open(inner):
+            return release
+        return self._closing(release)
+
+    async def _closing(self, release: Awaitable[None]) -> None:
         try:
-            inner = self.inner
-            await getattr(type(inner), _RELEASE)(inner)  # the class's, as it is now
+            await release
         finally:
-            if rec is not None:
-                _stream_closed(self.site, rec)
+            self.closed_by_release()
 
 
 class _SyncRelease(_Release):
     __slots__ = ()
 
     def __call__(self) -> None:
-        rec = self.take()
+        self.request_over()
+        inner = self.inner
         try:
-            inner = self.inner
             getattr(type(inner), _RELEASE)(inner)  # the class's, as it is now
         finally:
-            if rec is not None:
-                _stream_closed(self.site, rec)
+            self.closed_by_release()
 
 
 def _hook_release(site: _Site, inner: Any, closer: type[_StreamClose]) -> bool:

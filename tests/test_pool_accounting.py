@@ -137,6 +137,69 @@ async def test_a_stream_closed_early_closes_its_connection_and_ends_the_request(
 
 
 @pytest.mark.anyio
+async def test_a_connection_close_response_read_to_the_end_closes_its_connection_once(
+    hx: Any, loopback_server: LoopbackServer
+) -> None:
+    # The release keeps no frame of poolwatch's in the await chain when it keeps the
+    # connection open; when it closes it (here: ``Connection: close``), poolwatch must see it.
+    async with hx.AsyncClient() as client:
+        poolwatch.instrument(client)
+        for _ in range(3):
+            assert (await client.get(f"{loopback_server.url}/goaway")).status_code == 200
+        await client.get(f"{loopback_server.url}/ok")
+        snap = poolwatch.snapshot(client)
+        assert_at_rest(snap)
+        assert snap.connections_created_total == 4 == loopback_server.stats.accepted_connections
+        assert snap.reused_requests_total == 0
+        (origin,) = snap.origins
+        assert origin.connection_duration.count == 3  # the closed ones, once each
+        assert snap.idle_connections == 1 == httpcore_view(client).idle
+
+
+def test_a_sync_connection_close_response_closes_its_connection_once(
+    hx: Any, loopback_server: LoopbackServer
+) -> None:
+    with hx.Client() as client:
+        poolwatch.instrument(client)
+        for _ in range(3):
+            assert client.get(f"{loopback_server.url}/goaway").status_code == 200
+        client.get(f"{loopback_server.url}/ok")
+        snap = poolwatch.snapshot(client)
+        assert_at_rest(snap)
+        assert snap.connections_created_total == 4 == loopback_server.stats.accepted_connections
+        (origin,) = snap.origins
+        assert origin.connection_duration.count == 3
+        assert snap.idle_connections == 1 == httpcore_view(client).idle
+
+
+@pytest.mark.parametrize(
+    ("path", "read", "keeps_open"),
+    [
+        ("/ok", True, True),  # keep-alive, read to the end
+        ("/goaway", True, False),  # Connection: close
+        ("/stream?chunks=20&size=1000", False, False),  # not read to the end
+    ],
+)
+def test_whether_a_release_keeps_the_connection_open_is_told_as_httpcore_decides(
+    hx: Any, loopback_server: LoopbackServer, path: str, read: bool, keeps_open: bool
+) -> None:
+    httpcore = importlib.import_module(hx.__name__.replace("httpx", "httpcore"))
+    with httpcore.ConnectionPool() as pool:
+        url = hx.URL(f"{loopback_server.url}{path}")
+        request = httpcore.Request("GET", str(url), headers=[(b"Host", url.netloc)])
+        response = pool.handle_request(request)
+        if read:
+            for _ in response.stream:  # exhausted, not closed: the release is still to come
+                pass
+        (conn,) = pool.connections
+        inner = conn._connection
+        told = _httpcore.release_keeps_open(inner)
+        response.close()  # httpcore's own release decides
+        assert told is keeps_open
+        assert inner.is_closed() is not keeps_open
+
+
+@pytest.mark.anyio
 async def test_a_leaked_stream_is_counted_and_keeps_its_connection_forever(
     hx: Any, loopback_server: LoopbackServer
 ) -> None:
