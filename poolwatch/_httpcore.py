@@ -435,7 +435,10 @@ def released_connection(stream: Any) -> Any | None:
     """
     known = _RELEASING.get(type(stream))
     if known:
-        return getattr(stream, "_connection", None)
+        try:
+            return stream._connection  # a plain read: getattr() with a default costs twice that
+        except AttributeError:
+            return None
     if known is None:
         _RELEASING[type(stream)] = _is_releasing(type(stream))
         return released_connection(stream)

@@ -255,7 +255,10 @@ def _enter_connection(
     site: _Site, request: Any, is_async: bool
 ) -> tuple[RequestRecord | None, Any]:
     """Bookkeeping as a request enters a connection; returns (rec, extensions to restore)."""
-    rec: RequestRecord | None = getattr(request, "_poolwatch_record", None)
+    try:
+        rec: RequestRecord | None = request._poolwatch_record  # see _start()
+    except AttributeError:  # not sent through the watched pool's own call
+        return None, None
     if rec is None or rec.done:
         return None, None
     record = site.record
