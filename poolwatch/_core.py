@@ -512,7 +512,7 @@ class PoolCore:
                 errors[error_type] = errors.get(error_type, 0) + 1
             if pool_timeout:
                 rec.origin.timeouts += 1
-            del self._inflight[id(rec)]  # there since start(), until now
+            self._inflight.pop(id(rec), None)  # None: another watch's record, see _shells
             finished = self._finished
             finished.append(rec)
             if len(finished) >= _COUNT_AT:

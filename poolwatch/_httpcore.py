@@ -446,8 +446,12 @@ def released_connection(stream: Any) -> Any | None:
 
 
 def _is_releasing(cls: type) -> bool:
-    package = cls.__module__.partition(".")[0]
-    return cls.__name__ == "HTTP11ConnectionByteStream" and package in ("httpcore", "httpcore2")
+    if cls.__name__ != "HTTP11ConnectionByteStream":
+        return False
+    try:
+        return cls.__module__.partition(".")[0] in ("httpcore", "httpcore2")
+    except Exception:  # a class with a strange __module__: not httpcore's
+        return False
 
 
 def _h11_sentinels() -> tuple[object, object, object]:

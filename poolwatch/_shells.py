@@ -135,6 +135,19 @@ def _failed(
         _call_hook(hooks.on_finish, rec, "request finish hook")
 
 
+def _unseen(core: PoolCore, rec: RequestRecord, hooks: Hooks) -> None:
+    """The pool returned a response to a request that no connection call of this watch saw
+    (the request object it carried its record on went through the pool twice at once, or
+    through another watch's entry too): end it now rather than leave it waiting for ever."""
+    try:
+        finished = core.finish(rec)
+    except Exception as exc:
+        report_internal_error("request bookkeeping", exc)
+        return
+    if finished:
+        _call_hook(hooks.on_finish, rec, "request finish hook")
+
+
 # -- entering the pool --------------------------------------------------------------------
 
 
@@ -148,12 +161,16 @@ def async_pool_entry(
         rec = _start(core, request, hooks)
         try:
             if previous is not None:
-                return await previous(request)
-            return await cls.handle_async_request(pool, request)
+                response = await previous(request)
+            else:
+                response = await cls.handle_async_request(pool, request)
         except BaseException as exc:
             if rec is not None:
                 _failed(core, rec, exc, flavour, hooks)
             raise
+        if rec is not None and rec.pending:
+            _unseen(core, rec, hooks)
+        return response
 
     return handle_async_request
 
@@ -168,12 +185,16 @@ def sync_pool_entry(
         rec = _start(core, request, hooks)
         try:
             if previous is not None:
-                return previous(request)
-            return cls.handle_request(pool, request)
+                response = previous(request)
+            else:
+                response = cls.handle_request(pool, request)
         except BaseException as exc:
             if rec is not None:
                 _failed(core, rec, exc, flavour, hooks)
             raise
+        if rec is not None and rec.pending:
+            _unseen(core, rec, hooks)
+        return response
 
     return handle_request
 
@@ -502,7 +523,9 @@ class _Release:
     httpcore also calls it when a request fails before its headers arrive; then no request
     is current (``_headers_arrived`` sets it), and the connection call's failure is handled
     there. The request ends before the release: once released, the connection may carry
-    another thread's request, whose headers would make that one current.
+    another thread's request, whose headers would make that one current. So its duration
+    leaves out the release itself (a lock and, for a connection that closes, the socket's
+    close), and an exception the release raises is not the request's: its response was over.
     """
 
     __slots__ = ("detached", "inner", "site")

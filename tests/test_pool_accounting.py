@@ -99,6 +99,40 @@ async def test_pool_timeouts_equal_the_exceptions_the_caller_caught(
 
 
 @pytest.mark.anyio
+async def test_one_request_object_sent_twice_at_once_leaves_no_request_waiting_for_ever(
+    hx: Any, loopback_server: LoopbackServer
+) -> None:
+    # httpcore lets a bodiless request object go through its pool twice at once; the record
+    # poolwatch hangs on it for the connection's call can then be only the later one's.
+    httpcore = importlib.import_module(hx.__name__.replace("httpx", "httpcore"))
+    async with hx.AsyncClient(limits=hx.Limits(max_connections=1)) as client:
+        poolwatch.instrument(client)
+        pool = client._transport._pool
+        url = hx.URL(f"{loopback_server.url}/ok")
+        request = httpcore.Request("GET", str(url), headers=[(b"Host", url.netloc)])
+        statuses = []
+
+        async def send() -> None:
+            response = await pool.handle_async_request(request)
+            await response.aread()
+            await response.aclose()
+            statuses.append(response.status)
+
+        # Both wait for the one connection, held by a third response, so both are tagged
+        # before either reaches a connection's call.
+        held = await client.send(client.build_request("GET", str(url)), stream=True)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(send)
+            tg.start_soon(send)
+            await await_until(lambda: poolwatch.snapshot(client).pending_requests == 2)
+            await held.aclose()
+        assert statuses == [200, 200]
+        snap = poolwatch.snapshot(client)
+        assert_at_rest(snap)  # none pending or active for ever
+        assert snap.request_duration.count == 3
+
+
+@pytest.mark.anyio
 async def test_a_stream_read_to_the_end_gives_its_connection_back_for_reuse(
     hx: Any, loopback_server: LoopbackServer
 ) -> None:
