@@ -119,33 +119,34 @@ def _start(core: PoolCore, request: Any, hooks: Hooks) -> RequestRecord | None:
     return rec
 
 
+def _end(
+    core: PoolCore,
+    rec: RequestRecord,
+    hooks: Hooks,
+    error_type: str | None = None,
+    pool_timeout: bool = False,
+) -> None:
+    """Finish the request in the core; tell the exporters, the first time only."""
+    try:
+        finished = core.finish(rec, error_type, pool_timeout)
+    except Exception as exc:
+        report_internal_error("request end bookkeeping", exc)
+        return
+    if finished:
+        _call_hook(hooks.on_finish, rec, "request finish hook")
+
+
 def _failed(
     core: PoolCore, rec: RequestRecord, exc: BaseException, flavour: Flavour, hooks: Hooks
 ) -> None:
+    """An exception left the pool: the request is over, failed."""
     try:
-        finished = core.finish(
-            rec,
-            error_type=error_type_of(exc),
-            pool_timeout=isinstance(exc, flavour.pool_timeouts),
-        )
+        error_type = error_type_of(exc)
+        pool_timeout = isinstance(exc, flavour.pool_timeouts)
     except Exception as err:
         report_internal_error("request failure bookkeeping", err)
-        return
-    if finished:
-        _call_hook(hooks.on_finish, rec, "request finish hook")
-
-
-def _unseen(core: PoolCore, rec: RequestRecord, hooks: Hooks) -> None:
-    """The pool returned a response to a request that no connection call of this watch saw
-    (the request object it carried its record on went through the pool twice at once, or
-    through another watch's entry too): end it now rather than leave it waiting for ever."""
-    try:
-        finished = core.finish(rec)
-    except Exception as exc:
-        report_internal_error("request bookkeeping", exc)
-        return
-    if finished:
-        _call_hook(hooks.on_finish, rec, "request finish hook")
+        error_type, pool_timeout = type(exc).__name__, False
+    _end(core, rec, hooks, error_type, pool_timeout)
 
 
 # -- entering the pool --------------------------------------------------------------------
@@ -169,7 +170,10 @@ def async_pool_entry(
                 _failed(core, rec, exc, flavour, hooks)
             raise
         if rec is not None and rec.pending:
-            _unseen(core, rec, hooks)
+            # No connection call of this watch saw it: the request object carried another
+            # record there (sent through the pool twice at once, or through another watch's
+            # entry too). End it now rather than leave it waiting for ever.
+            _end(core, rec, hooks)
         return response
 
     return handle_async_request
@@ -193,7 +197,10 @@ def sync_pool_entry(
                 _failed(core, rec, exc, flavour, hooks)
             raise
         if rec is not None and rec.pending:
-            _unseen(core, rec, hooks)
+            # No connection call of this watch saw it: the request object carried another
+            # record there (sent through the pool twice at once, or through another watch's
+            # entry too). End it now rather than leave it waiting for ever.
+            _end(core, rec, hooks)
         return response
 
     return handle_request
@@ -481,7 +488,9 @@ def _sync_trace(
 
 
 def _request_over(site: _Site, rec: RequestRecord) -> None:
-    """The request's response is over; an exception being handled means it failed mid-body."""
+    """The request's response is over; an exception being handled means it failed mid-body.
+
+    ``_end()``'s work written out: this runs at every request's end, one frame fewer."""
     try:
         exc = sys.exception()
         error_type = None
