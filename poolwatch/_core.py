@@ -388,12 +388,17 @@ class PoolCore:
         """httpcore gave the connection to another request first; back to the queue.
 
         httpcore 1.0.9 does that to most requests at high concurrency (3.5 times per request
-        at C=32 in ``bench/attempts.py``).
+        at C=32 in ``bench/attempts.py``). A request whose own connect opened the connection
+        may lose it so too (HTTP/2 offered, HTTP/1.1 negotiated, another request first on
+        it): its connect and TLS times stay its own, but the connection it obtains in the end
+        decides whether it ran on a new one.
         """
         with self._lock:
             rec.conn = None
             rec.t_queue_end = None
             rec.t_ready = None
+            if rec.opening is not None:
+                rec.opening.opened = False
             if not rec.done:
                 rec.pending = True
 
