@@ -444,6 +444,16 @@ def _closed(site: _Site) -> None:
         report_internal_error("connection close bookkeeping", exc)
 
 
+def _closed_with_response(site: _Site, conn: Any) -> None:
+    """A response ended: ``conn`` (the site's connection, or the HTTP/1.1 one it holds) may
+    have closed with it, as httpcore closes one that cannot carry another request."""
+    try:
+        if conn.is_closed():
+            _closed(site)
+    except Exception as exc:
+        report_internal_error("response close bookkeeping", exc)
+
+
 # -- trace callbacks (new connections and HTTP/2 only) ------------------------------------
 
 _ASYNC_TRACE_TYPE_ERROR = (
@@ -510,14 +520,8 @@ def _stream_closed(site: _Site, rec: RequestRecord) -> None:
     """A response stream whose close poolwatch wrapped closed (or one it could not watch):
     the request is over, and its connection may have closed with it."""
     _request_over(site, rec)
-    record = site.record
-    if record is None:
-        return
-    try:
-        if site.conn.is_closed():
-            _connection_gone(site.core, record, site.key, site.hooks)
-    except Exception as err:
-        report_internal_error("response close bookkeeping", err)
+    if site.record is not None:  # None: a transport without a pool, no connection
+        _closed_with_response(site, site.conn)
 
 
 #: The name of the HTTP/1.1 connection method ``_Release`` replaces.
@@ -555,14 +559,6 @@ class _Release:
         if rec is not None:
             _request_over(site, rec)
 
-    def closed_by_release(self) -> None:
-        """After the release: the connection closed if the exchange left it unusable."""
-        try:
-            if self.inner.is_closed():
-                _closed(self.site)
-        except Exception as exc:
-            report_internal_error("response close bookkeeping", exc)
-
     def detach(self) -> None:
         """Remove this hook now, or after the release of the response open now."""
         if self.site.current is None:
@@ -593,7 +589,7 @@ class _AsyncRelease(_Release):
         try:
             await release
         finally:
-            self.closed_by_release()
+            _closed_with_response(self.site, self.inner)
 
 
 class _SyncRelease(_Release):
@@ -605,7 +601,7 @@ class _SyncRelease(_Release):
         try:
             getattr(type(inner), _RELEASE)(inner)  # the class's, as it is now
         finally:
-            self.closed_by_release()
+            _closed_with_response(self.site, self.inner)
 
 
 def _hook_release(site: _Site, inner: Any, closer: type[_StreamClose]) -> bool:
