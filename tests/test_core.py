@@ -3,7 +3,7 @@ reach only by rare interleavings."""
 
 from __future__ import annotations
 
-from poolwatch._core import ConnRecord, PoolCore
+from poolwatch._core import ConnRecord, OriginStats, PoolCore, RequestRecord
 
 
 class Clock:
@@ -14,27 +14,32 @@ class Clock:
         return self.now
 
 
+def lose_the_connection_it_opened(
+    core: PoolCore, clock: Clock, origin: OriginStats, connect_s: float
+) -> RequestRecord:
+    """httpcore's sync pool, HTTP/2 offered and HTTP/1.1 negotiated: the request connects, a
+    waiting request takes the new connection first, and this one goes back to the queue."""
+    opened = ConnRecord(origin, maybe_h2=True)
+    core.add_connection(1, opened)
+    rec = core.start(origin)
+    core.acquire(rec, opened, end_queue=False)
+    core.on_trace_event(rec, "connection.connect_tcp.started")
+    clock.now += connect_s
+    core.on_trace_event(rec, "connection.connect_tcp.complete")
+    core.requeue(rec)
+    return rec
+
+
 def test_a_request_that_lost_the_connection_it_opened_counts_by_the_one_it_ran_on() -> None:
-    # httpcore's sync pool, HTTP/2 offered and HTTP/1.1 negotiated: request A connects, a
-    # waiting request takes the new connection first, A goes back to the queue and ends up
-    # on a connection that was already up.
     clock = Clock()
     core = PoolCore("p", clock=clock)
     origin = core.origin((b"https", b"example.test", 443))
-    opened = ConnRecord(origin, maybe_h2=True)
     existing = ConnRecord(origin, maybe_h2=False, connected=True)
-    core.add_connection(1, opened)
     core.add_connection(2, existing)
 
-    a = core.start(origin)
-    clock.now = 1.0
-    core.acquire(a, opened, end_queue=False)
-    core.on_trace_event(a, "connection.connect_tcp.started")
-    clock.now = 1.25
-    core.on_trace_event(a, "connection.connect_tcp.complete")
-    core.requeue(a)
+    a = lose_the_connection_it_opened(core, clock, origin, connect_s=0.25)
     clock.now = 2.0
-    core.acquire(a, existing, end_queue=True)
+    core.acquire(a, existing, end_queue=True)  # a connection that was already up
     assert a.reused is True
     clock.now = 2.5
     core.headers(a, 200, "1.1")
@@ -54,15 +59,8 @@ def test_a_request_that_lost_the_connection_it_opened_and_then_timed_out_obtaine
     clock = Clock()
     core = PoolCore("p", clock=clock)
     origin = core.origin((b"https", b"example.test", 443))
-    opened = ConnRecord(origin, maybe_h2=True)
-    core.add_connection(1, opened)
 
-    a = core.start(origin)
-    core.acquire(a, opened, end_queue=False)
-    core.on_trace_event(a, "connection.connect_tcp.started")
-    clock.now = 0.125
-    core.on_trace_event(a, "connection.connect_tcp.complete")
-    core.requeue(a)
+    a = lose_the_connection_it_opened(core, clock, origin, connect_s=0.125)
     clock.now = 5.0
     core.finish(a, error_type="PoolTimeout", pool_timeout=True)
 
