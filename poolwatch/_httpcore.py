@@ -12,6 +12,8 @@ what                                        used for
 ``pool._max_connections``                   the limit (``sys.maxsize`` means unlimited)
 ``pool._http1``, ``pool._http2``            whether a connection may speak HTTP/2
 ``pool.create_connection``                  the factory httpcore made for overriding
+``pool._close_connections``                 the pool closes connections it dropped
+                                            (httpcore >= 1.0.3, httpcore2)
 ``pool.connections``, ``conn.is_closed()``  public: connection state at scrape time
 ``conn._origin``                            the origin of connections opened before
                                             poolwatch was installed
@@ -32,8 +34,9 @@ more than all of poolwatch's own per-request bookkeeping (``bench/adaptive.py``)
 attribute name is the other way to get there: once ~28 instances of a class exist, CPython
 3.11 lets one more name into the inline layout that all its instances share, and an object
 given any further new name gets a dictionary. So poolwatch adds as few names as it can to
-httpcore's classes (one to the HTTP/1.1 connection, two to the pooled connection and to the
-pool, set on the first one it watches) and keeps its own per-connection state with itself.
+httpcore's classes (one to the HTTP/1.1 connection, one to the pooled connection, whose
+close it learns from the pool's ``_close_connections``, three to the pool, of which a process
+makes few) and keeps its own per-connection state with itself.
 """
 
 from __future__ import annotations
@@ -211,6 +214,18 @@ def may_speak_http2(pool: Any, scheme: bytes) -> bool:
     http1 = getattr(pool, "_http1", True)
     http2 = getattr(pool, "_http2", True)
     return bool(http2) and (scheme in (b"https", b"wss") or not http1)
+
+
+#: The pool's call that closes the connections it dropped from its list (expired, idle
+#: beyond its keep-alive limit, closed by the server, the pool's own close): watched there,
+#: the connections need no close hook of their own (one attribute name fewer on their class).
+POOL_CLOSE = "_close_connections"
+
+
+def closes_through_pool(pool: Any) -> bool:
+    """Whether the pool closes every connection it drops through ``POOL_CLOSE`` (httpcore
+    1.0.3 and later, httpcore2); before 1.0.3 it called each connection's close itself."""
+    return callable(getattr(type(pool), POOL_CLOSE, None))
 
 
 def connections(pool: Any) -> list[Any]:

@@ -8,6 +8,13 @@ poolwatch sits at three places inside an httpcore pool, as instance attributes:
     the pool handed a connection to the request: the queue wait ends. A request that opens
     a new connection (or may be waiting for an HTTP/2 stream slot) gets a trace callback for
     that call only, which times connect and TLS; every other request runs without one.
+``pool._close_connections``
+    the pool closes connections it dropped (expired, surplus idle, closed by the server, the
+    pool closed): one hook for sync and async pools alike, which hands back httpcore's own
+    call. The connections themselves get no close hook where the pool has this call: a
+    second attribute name on their class would cost every watched connection its inline
+    layout in a process that made ~28 connections first (see ``_httpcore``), and the pool
+    calls a method of each of its connections for every request.
 the HTTP/1.1 connection's ``_response_closed``, else the response stream's ``aclose`` / ``close``
     the connection is released: the request is over. httpcore calls them on every ending,
     closed by the caller, fully read, or failed mid-body; a stream garbage-collected without
@@ -206,6 +213,35 @@ def sync_pool_entry(
     return handle_request
 
 
+def pool_close(
+    core: PoolCore, pool: Any, previous: Any, hooks: Hooks
+) -> Callable[[list[Any]], Any]:
+    """The replacement for ``pool._close_connections``, sync and async: the connections are
+    over when the pool lets go of them. It returns what httpcore's own call returns (for an
+    async pool the coroutine the pool awaits, so no frame of poolwatch's is in it)."""
+    cls = type(pool)
+
+    def _close_connections(closing: list[Any]) -> Any:
+        if closing:
+            _pool_closing(core, closing, hooks)
+        if previous is not None:
+            return previous(closing)
+        return cls._close_connections(pool, closing)
+
+    return _close_connections
+
+
+def _pool_closing(core: PoolCore, closing: list[Any], hooks: Hooks) -> None:
+    try:
+        conns = core.conns
+        for conn in closing:
+            record = conns.get(id(conn))
+            if record is not None:
+                _connection_gone(core, record, id(conn), hooks)
+    except Exception as exc:
+        report_internal_error("connection close bookkeeping", exc)
+
+
 # -- connections --------------------------------------------------------------------------
 
 
@@ -234,8 +270,12 @@ def watch_connection(
     is_async: bool,
     hooks: Hooks,
     connected: bool = False,
+    closes_through_pool: bool = True,
 ) -> None:
-    """Attach poolwatch to a connection the pool just created (or already had)."""
+    """Attach poolwatch to a connection the pool just created (or already had).
+
+    ``closes_through_pool``: the pool's close call is watched (``pool_close``); otherwise
+    (httpcore before 1.0.3) the connection's own close is."""
     record = ConnRecord(
         origin,
         maybe_h2=_httpcore.may_speak_http2(pool, scheme),
@@ -246,10 +286,12 @@ def watch_connection(
     cls = type(conn)
     if is_async:
         conn.handle_async_request = _async_connection_call(site, cls)
-        conn.aclose = _async_connection_close(site, cls)
+        if not closes_through_pool:
+            conn.aclose = _async_connection_close(site, cls)
     else:
         conn.handle_request = _sync_connection_call(site, cls)
-        conn.close = _sync_connection_close(site, cls)
+        if not closes_through_pool:
+            conn.close = _sync_connection_close(site, cls)
 
 
 class _Site:

@@ -18,13 +18,23 @@ from ._snapshot import ConnectionGroup, PoolSnapshot, new_pool_snapshot
 class _PoolPatch:
     """The patches on one httpcore pool, and what they replaced."""
 
-    __slots__ = ("entry_name", "pool", "previous_create", "previous_entry")
+    __slots__ = ("entry_name", "pool", "previous_close", "previous_create", "previous_entry")
 
-    def __init__(self, pool: Any, entry_name: str, previous_entry: Any, previous_create: Any):
+    def __init__(
+        self,
+        pool: Any,
+        entry_name: str,
+        previous_entry: Any,
+        previous_create: Any,
+        previous_close: Any,
+    ):
         self.pool = pool
         self.entry_name = entry_name
         self.previous_entry = previous_entry
         self.previous_create = previous_create
+        #: What the pool had under ``_httpcore.POOL_CLOSE``; ``False``: not patched (an
+        #: httpcore before 1.0.3, whose connections are watched for their close instead).
+        self.previous_close = previous_close
 
 
 class _TransportPatch:
@@ -134,6 +144,10 @@ class ClientWatch:
         entry = make_entry(core, pool, previous_entry, flavour, hooks)
 
         previous_create = _httpcore.instance_attr(pool, "create_connection")
+        through_pool = _httpcore.closes_through_pool(pool)
+        previous_close = (
+            _httpcore.instance_attr(pool, _httpcore.POOL_CLOSE) if through_pool else False
+        )
         cls = type(pool)
 
         def create_connection(origin: Any) -> Any:
@@ -151,6 +165,7 @@ class ClientWatch:
                     flavour=flavour,
                     is_async=is_async,
                     hooks=hooks,
+                    closes_through_pool=through_pool,
                 )
             except Exception as exc:
                 report_internal_error("connection watch", exc)
@@ -171,10 +186,16 @@ class ClientWatch:
                 is_async=is_async,
                 hooks=hooks,
                 connected=_httpcore.connection_http_version(conn) is not None,
+                closes_through_pool=through_pool,
             )
         setattr(pool, entry_name, entry)
         pool.create_connection = create_connection
-        self._pools.append(_PoolPatch(pool, entry_name, previous_entry, previous_create))
+        if through_pool:
+            close = _shells.pool_close(core, pool, previous_close, hooks)
+            setattr(pool, _httpcore.POOL_CLOSE, close)
+        self._pools.append(
+            _PoolPatch(pool, entry_name, previous_entry, previous_create, previous_close)
+        )
 
     def _attach_transport(self, transport: Any) -> None:
         is_async = self.is_async
@@ -191,6 +212,8 @@ class ClientWatch:
         for p in self._pools:
             _httpcore.unpatch(p.pool, p.entry_name, p.previous_entry)
             _httpcore.unpatch(p.pool, "create_connection", p.previous_create)
+            if p.previous_close is not False:
+                _httpcore.unpatch(p.pool, _httpcore.POOL_CLOSE, p.previous_close)
             for conn in _httpcore.connections(p.pool):
                 _shells.detach_connection(conn)
         for t in self._transports:

@@ -121,22 +121,57 @@ async def async_http2(hx: Any, url: str, ca_pem: str) -> dict[str, Any]:
 def late_http1(hx: Any, url: str) -> dict[str, Any]:
     """poolwatch arrives after the process made 40 connections of its own (past the ~28
     instances after which CPython lets one more attribute name into a class's inline layout):
-    the HTTP/1.1 connections still keep theirs through requests and scrapes."""
+    the pooled connections and their HTTP/1.1 ones still keep theirs through requests,
+    a connection the pool closes, and scrapes."""
     with hx.Client(limits=hx.Limits(max_connections=40)) as before:
         for _ in range(40):
             before.get(f"{url}/ok", headers={"Connection": "close"})
-    with hx.Client() as client:
+    with hx.Client(limits=hx.Limits(max_keepalive_connections=1)) as client:
         poolwatch.instrument(client)
         responses = [client.get(f"{url}/ok") for _ in range(3)]
+        held = [client.send(client.build_request("GET", f"{url}/ok"), stream=True) for _ in (0, 1)]
+        for response in held:  # read to the end, two idle: the pool keeps one, closes one
+            response.read()
+            response.close()
         poolwatch.snapshot(client)
         responses.append(client.get(f"{url}/ok"))
         poolwatch.snapshot(client)
-        checked = [c._connection for c in client._transport._pool.connections]
-        # The 40 requests before made ~28 instances of httpcore's request class too: the
-        # record a request carries to the connection's call fits the layout all the same.
-        checked += [o for o in httpcore_objects(client, responses) if type(o).__name__ == "Request"]
-        during = [type(o).__qualname__ for o in checked if attributes_in_a_dictionary(o)]
-        return {"checked": len(checked), "during": during, "after": []}
+        return _late_result(client, responses)
+
+
+async def late_async_http1(hx: Any, url: str) -> dict[str, Any]:
+    """``late_http1`` for the async classes: the pool at C=32 calls ``is_idle()`` and more
+    on each of its connections for every request."""
+    async with hx.AsyncClient(limits=hx.Limits(max_connections=40)) as before:
+        for _ in range(40):
+            await before.get(f"{url}/ok", headers={"Connection": "close"})
+    async with hx.AsyncClient(limits=hx.Limits(max_keepalive_connections=1)) as client:
+        poolwatch.instrument(client)
+        responses = [await client.get(f"{url}/ok") for _ in range(3)]
+        held = [
+            await client.send(client.build_request("GET", f"{url}/ok"), stream=True)
+            for _ in (0, 1)
+        ]
+        for response in held:
+            await response.aread()
+            await response.aclose()
+        poolwatch.snapshot(client)
+        responses.append(await client.get(f"{url}/ok"))
+        poolwatch.snapshot(client)
+        return _late_result(client, responses)
+
+
+def _late_result(client: Any, responses: list[Any]) -> dict[str, Any]:
+    pooled = client._transport._pool.connections
+    # The pooled connections too: the pool walks all of them for every request
+    # (``is_idle()``, ``has_expired()``...), a dictionary lookup for each on a moved one.
+    checked = [*pooled, *(c._connection for c in pooled)]
+    # The 40 requests before made ~28 instances of httpcore's request class too: the
+    # record a request carries to the connection's call fits the layout all the same.
+    checked += [o for o in httpcore_objects(client, responses) if type(o).__name__ == "Request"]
+    during = [type(o).__qualname__ for o in checked if attributes_in_a_dictionary(o)]
+    closed = poolwatch.snapshot(client).connections_created_total - len(pooled)
+    return {"checked": len(checked), "during": during, "after": [], "closed": closed}
 
 
 def main() -> None:
@@ -148,6 +183,8 @@ def main() -> None:
         result = sync_http1(hx, url)
     elif scenario == "late-http1":
         result = late_http1(hx, url)
+    elif scenario == "late-async-http1":
+        result = asyncio.run(late_async_http1(hx, url))
     else:
         result = asyncio.run(async_http2(hx, url, rest[0]))
     print(json.dumps(result))

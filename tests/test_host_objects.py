@@ -75,15 +75,17 @@ def test_a_sync_http1_client_keeps_its_objects_laid_out(
     assert result["after"] == []
 
 
+@pytest.mark.parametrize("scenario", ["late-http1", "late-async-http1"])
 def test_http1_connections_keep_their_layout_when_poolwatch_comes_after_many_connections(
-    hx: Any, loopback_server: LoopbackServer
+    hx: Any, loopback_server: LoopbackServer, scenario: str
 ) -> None:
-    # Each new attribute name poolwatch gave them (its release hook, and until now the socket
-    # it polls at a scrape) must fit the class's shared layout; past ~28 instances only one
-    # more fits. The pooled connection and the pool take two names each, set on the first
-    # one poolwatch watches: a process that made ~28 of them before loses that.
-    result = run_scenario("late-http1", hx, loopback_server.url)
-    assert result["checked"] >= 1 + 4  # the connection, and the 4 requests' httpcore requests
+    # Each new attribute name poolwatch gives a class must fit the layout its instances share;
+    # past ~28 instances only one more fits. So the pooled connection takes one name (its
+    # request call; the pool's close call tells poolwatch when it closes one), the HTTP/1.1
+    # connection one (its release), httpcore's request one (the record it carries).
+    result = run_scenario(scenario, hx, loopback_server.url)
+    assert result["checked"] >= 2 + 4  # the kept connection, its HTTP/1.1 one, 4 requests
+    assert result["closed"] == 1  # the pool closed the idle connection it could not keep
     assert result["during"] == []
 
 

@@ -10,6 +10,7 @@ import select
 import socket
 import ssl
 import threading
+import time
 from typing import Any
 
 import anyio
@@ -204,6 +205,55 @@ def test_a_sync_connection_close_response_closes_its_connection_once(
         (origin,) = snap.origins
         assert origin.connection_duration.count == 3
         assert snap.idle_connections == 1 == httpcore_view(client).idle
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("through_pool", [True, False], ids=["pool-close", "httpcore-1.0.2"])
+async def test_a_connection_the_pool_drops_beyond_its_keep_alive_limit_ends_as_it_closes(
+    hx: Any, loopback_server: LoopbackServer, monkeypatch: pytest.MonkeyPatch, through_pool: bool
+) -> None:
+    # The pool tells poolwatch through its ``_close_connections``; an httpcore before 1.0.3
+    # has none and closes each connection itself, whose own close poolwatch then watches.
+    if not through_pool:
+        monkeypatch.setattr(_httpcore, "closes_through_pool", lambda pool: False)
+    limits = hx.Limits(max_keepalive_connections=1)
+    async with hx.AsyncClient(limits=limits) as client:
+        poolwatch.instrument(client)
+        url = f"{loopback_server.url}/ok"
+        held = [await client.send(client.build_request("GET", url), stream=True) for _ in (0, 1)]
+        conns = client._transport._pool.connections
+        hooked = [_httpcore.instance_attr(c, "aclose") is not None for c in conns]
+        assert hooked == [not through_pool] * 2
+        for response in held:  # read to the end: two idle, one more than the pool keeps
+            await response.aread()
+            await response.aclose()
+        snap = poolwatch.snapshot(client)
+        assert snap.connections_created_total == 2 == loopback_server.stats.accepted_connections
+        assert snap.idle_connections == 1 == httpcore_view(client).open
+        (origin,) = snap.origins
+        assert origin.connection_duration.count == 1  # the dropped one, at once
+        await await_until(lambda: loopback_server.stats.open_connections == 1, what="a close")
+    closed = poolwatch.snapshot(client).origins[0].connection_duration
+    assert closed.count == 2  # and the kept one when the client closed
+
+
+def test_a_connection_past_its_keep_alive_expiry_ends_when_the_pool_drops_it(
+    hx: Any, loopback_server: LoopbackServer
+) -> None:
+    with hx.Client(limits=hx.Limits(keepalive_expiry=0.2)) as client:
+        poolwatch.instrument(client)
+        t0 = time.monotonic()
+        client.get(f"{loopback_server.url}/ok")
+        time.sleep(0.3)
+        assert poolwatch.snapshot(client).origins[0].connection_duration.count == 0
+        client.get(f"{loopback_server.url}/ok")  # the pool drops the expired one first
+        lifetime = time.monotonic() - t0
+        snap = poolwatch.snapshot(client)
+        assert snap.connections_created_total == 2 == loopback_server.stats.accepted_connections
+        (origin,) = snap.origins
+        assert origin.connection_duration.count == 1
+        assert 0.3 <= origin.connection_duration.sum <= lifetime
+        assert snap.idle_connections == 1 == httpcore_view(client).open
 
 
 @pytest.mark.parametrize(
