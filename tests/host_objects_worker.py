@@ -3,11 +3,12 @@
 ``python host_objects_worker.py SCENARIO FAMILY URL [CA_PEM]`` runs one scenario through an
 instrumented client and prints, as JSON, how many of httpcore's objects it checked and the
 classes of those whose attributes were moved into a dictionary, before and after
-``uninstrument()``. Its own process, because once a class has ~28 instances CPython 3.11 lets
-only one more attribute name into the layout its instances share, and poolwatch gives the
-pooled connection class two (its request call and its close). In the full test session
-``test_cardinality.py``'s proxy runs make 1,000 ``HTTPConnection`` objects without them first,
-so the next directly watched one moves to a dictionary: the limit the README states.
+``uninstrument()``. Its own process, so that each scenario starts from classes as a fresh
+interpreter has them: once a class has ~28 instances CPython 3.11 lets only one more attribute
+name into the layout its instances share, and a test session makes thousands of connections
+before a scenario would run. The late scenarios make 40 first, on purpose: poolwatch's one
+name on the pooled connection class (its request call; the pool's close call tells when one
+closes) must fit then too.
 """
 
 from __future__ import annotations
