@@ -47,7 +47,9 @@ def _enable_otel() -> None:
     poolwatch.otel.enable(meter_provider, tracer_provider)
 
 
-def count(family: str, url: str, requests: int, *, otel: bool) -> tuple[Any, Any]:
+def count(
+    family: str, url: str, requests: int, *, otel: bool, concurrency: int = 1
+) -> tuple[Any, Any]:
     """(bytecodes, calls) per ``file:function`` over ``requests`` requests, after a warm-up."""
     from prometheus_client import CollectorRegistry  # noqa: PLC0415
 
@@ -75,16 +77,25 @@ def count(family: str, url: str, requests: int, *, otel: bool) -> tuple[Any, Any
         frame.f_trace_opcodes = True
         return local
 
+    async def worker(client: Any, n: int) -> None:
+        for _ in range(n):
+            (await client.get(url)).raise_for_status()
+
+    async def send(client: Any, n: int) -> None:
+        # ``concurrency`` workers share the n requests (a pool of as many connections).
+        share, rest = divmod(n, concurrency)
+        sizes = [share + (i < rest) for i in range(concurrency)]
+        await asyncio.gather(*(worker(client, size) for size in sizes))
+
     async def main() -> None:
-        transport = hx.AsyncHTTPTransport(limits=hx.Limits(max_connections=1))
+        limits = hx.Limits(max_connections=concurrency)
+        transport = hx.AsyncHTTPTransport(limits=limits)
         async with hx.AsyncClient(transport=transport) as client:
             poolwatch.instrument(client, saturation_threshold=None)
-            for _ in range(100):  # warm: the connection is open, every cache filled
-                (await client.get(url)).raise_for_status()
+            await send(client, 100 * concurrency)  # warm: connections open, caches filled
             sys.settrace(trace)
             try:
-                for _ in range(requests):
-                    (await client.get(url)).raise_for_status()
+                await send(client, requests)
             finally:
                 sys.settrace(None)
 
@@ -98,11 +109,19 @@ def main() -> None:
     parser.add_argument("--family", choices=["httpx", "httpx2"], default="httpx")
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--otel", action="store_true", help="also OTel metrics and spans")
+    parser.add_argument("--concurrency", type=int, default=1, help="workers, and connections")
     args = parser.parse_args()
-    opcodes, calls = count(args.family, args.url, args.requests, otel=args.otel)
+    opcodes, calls = count(
+        args.family, args.url, args.requests, otel=args.otel, concurrency=args.concurrency
+    )
     n = args.requests
     what = "Prometheus + OTel" if args.otel else "Prometheus"
-    print(f"{args.family}, poolwatch + {what}, {n} requests on one keep-alive connection:")
+    where = (
+        "one keep-alive connection"
+        if args.concurrency == 1
+        else f"{args.concurrency} workers sharing a pool of {args.concurrency}"
+    )
+    print(f"{args.family}, poolwatch + {what}, {n} requests on {where}:")
     print(
         f"{sum(opcodes.values()) / n:,.0f} bytecodes and "
         f"{sum(calls.values()) / n:.1f} frame entries per request in poolwatch's own code\n"
