@@ -613,7 +613,8 @@ class PoolCore:
         now = self.clock()
         with self._lock:
             self.changes += 1
-            self.conns.pop(key, None)
+            if self.conns.get(key) is conn:  # the id may be a newer connection's by now
+                del self.conns[key]
             if conn.closed:
                 return None
             conn.closed = True

@@ -33,7 +33,7 @@ import asyncio
 import inspect
 import sys
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -232,22 +232,33 @@ def pool_close(
 
 
 def _pool_closing(core: PoolCore, closing: list[Any], hooks: Hooks) -> None:
-    try:
-        conns = core.conns
-        for conn in closing:
-            record = conns.get(id(conn))
-            if record is not None:
-                _connection_gone(core, record, id(conn), hooks)
-    except Exception as exc:
-        report_internal_error("connection close bookkeeping", exc)
+    conns = core.conns
+    connections_gone(core, [(id(c), conns.get(id(c))) for c in closing], hooks)
+
+
+def connections_gone(
+    core: PoolCore, gone: Sequence[tuple[int, ConnRecord | None]], hooks: Hooks
+) -> None:
+    """Close the records of connections that left the pool (``None``: not watched), each on
+    its own: an exporter failing on one leaves the others' bookkeeping whole."""
+    for key, record in gone:
+        if record is None:
+            continue
+        try:
+            _connection_gone(core, record, key, hooks)
+        except Exception as exc:
+            report_internal_error("connection close bookkeeping", exc)
 
 
 # -- connections --------------------------------------------------------------------------
 
 
-def detach_connection(conn: Any) -> None:
+def detach_connection(conn: Any, closes_through_pool: bool) -> None:
     """Remove what ``watch_connection()`` attached to a connection."""
-    for name in ("handle_async_request", "handle_request", "aclose", "close"):
+    names: tuple[str, ...] = ("handle_async_request", "handle_request")
+    if not closes_through_pool:  # else its close is not poolwatch's to remove
+        names += ("aclose", "close")
+    for name in names:
         _httpcore.remove_instance_attr(conn, name)
     inner = conn
     for _ in range(3):  # a forward proxy's connection holds an HTTPConnection that holds it

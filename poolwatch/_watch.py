@@ -215,7 +215,7 @@ class ClientWatch:
             if p.previous_close is not False:
                 _httpcore.unpatch(p.pool, _httpcore.POOL_CLOSE, p.previous_close)
             for conn in _httpcore.connections(p.pool):
-                _shells.detach_connection(conn)
+                _shells.detach_connection(conn, p.previous_close is not False)
         for t in self._transports:
             _httpcore.unpatch(t.transport, t.entry_name, t.previous)
         self._pools.clear()
@@ -325,6 +325,8 @@ class ClientWatch:
         to_check: list[tuple[Any, str]] = []  # idle: alive unless the server closed them
         idle_keys: dict[int, tuple[OriginStats, str, str]] = {}
         conns = core.conns
+        recorded = list(conns.items())  # before the walk: one opened during it is not judged
+        matched = 0  # of the open connections listed, those with a record
         load = core.connection_load()
         unreadable = 0
         for p in self._pools:
@@ -346,6 +348,7 @@ class ClientWatch:
                         connecting = False
                         version = _httpcore.connection_http_version(conn) or ""
                     else:
+                        matched += 1
                         origin = record.origin
                         version = record.http_version or ""
                         is_idle = record not in load
@@ -374,6 +377,13 @@ class ClientWatch:
         for conn_id, key in idle_keys.items():
             if conn_id not in dead:  # closed by the server; httpcore has not noticed yet
                 groups[key] = groups.get(key, 0) + 1
+        if matched < len(recorded) and not unreadable:
+            # Records of connections no pool lists open any more, whose close no hook saw
+            # (closed by a direct call, or an HTTP/2 connection that read a GOAWAY while
+            # idle): they end now, as soon as poolwatch can tell.
+            open_ids = {id(c) for _, still_open in walked for c in still_open}
+            gone = [(key, record) for key, record in recorded if key not in open_ids]
+            _shells.connections_gone(core, gone, self.hooks)
         s = core.snapshot()
         by_state = {"active": 0, "idle": 0, "connecting": 0}
         for (_o, state, _v), n in groups.items():

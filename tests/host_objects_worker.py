@@ -150,8 +150,7 @@ async def late_async_http1(hx: Any, url: str) -> dict[str, Any]:
         poolwatch.instrument(client)
         responses = [await client.get(f"{url}/ok") for _ in range(3)]
         held = [
-            await client.send(client.build_request("GET", f"{url}/ok"), stream=True)
-            for _ in (0, 1)
+            await client.send(client.build_request("GET", f"{url}/ok"), stream=True) for _ in (0, 1)
         ]
         for response in held:
             await response.aread()
@@ -171,8 +170,14 @@ def _late_result(client: Any, responses: list[Any]) -> dict[str, Any]:
     # record a request carries to the connection's call fits the layout all the same.
     checked += [o for o in httpcore_objects(client, responses) if type(o).__name__ == "Request"]
     during = [type(o).__qualname__ for o in checked if attributes_in_a_dictionary(o)]
-    closed = poolwatch.snapshot(client).connections_created_total - len(pooled)
-    return {"checked": len(checked), "during": during, "after": [], "closed": closed}
+    snap = poolwatch.snapshot(client)
+    return {
+        "checked": len(checked),
+        "during": during,
+        "after": [],
+        "dropped": snap.connections_created_total - len(pooled),  # the pool's own books
+        "closed": snap.origins[0].connection_duration.count,  # poolwatch's
+    }
 
 
 def main() -> None:

@@ -143,6 +143,27 @@ def test_uninstrument_restores_the_client_as_it_was(
         poolwatch.uninstrument(client)  # twice is fine
 
 
+def test_another_librarys_close_patch_on_a_connection_outlives_instrument_and_uninstrument(
+    hx: Any, loopback_server: LoopbackServer
+) -> None:
+    closed: list[object] = []
+    with hx.Client() as client:
+        client.get(f"{loopback_server.url}/ok")
+        (conn,) = client._transport._pool.connections
+        own_close = conn.close
+
+        def their_close() -> None:
+            closed.append(conn)
+            own_close()
+
+        conn.close = their_close  # e.g. a test double, or another instrumentation
+        poolwatch.instrument(client)
+        client.get(f"{loopback_server.url}/ok")
+        poolwatch.uninstrument(client)
+        assert conn.close is their_close
+    assert closed == [conn]  # the client's close went through it
+
+
 def test_uninstrument_leaves_nothing_on_a_pool_whose_class_another_library_wrapped(
     hx: Any, loopback_server: LoopbackServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -237,6 +237,71 @@ async def test_a_connection_the_pool_drops_beyond_its_keep_alive_limit_ends_as_i
     assert closed.count == 2  # and the kept one when the client closed
 
 
+@pytest.mark.anyio
+async def test_a_connection_closed_by_a_direct_call_ends_at_the_next_reading(
+    hx: Any, loopback_server: LoopbackServer
+) -> None:
+    # No hook sees it: the pool drops a connection that closed itself without its close call.
+    async with hx.AsyncClient() as client:
+        poolwatch.instrument(client)
+        await client.get(f"{loopback_server.url}/ok")
+        (conn,) = client._transport._pool.connections
+        await conn.aclose()
+        await client.get(f"{loopback_server.url}/ok")  # the pool drops it, opens another
+        snap = poolwatch.snapshot(client)
+        assert snap.connections_created_total == 2 == loopback_server.stats.accepted_connections
+        assert snap.origins[0].connection_duration.count == 1
+        assert snap.idle_connections == 1 == httpcore_view(client).open
+    assert poolwatch.snapshot(client).origins[0].connection_duration.count == 2  # once each
+
+
+@pytest.mark.anyio
+async def test_an_http2_connection_the_server_closed_while_idle_ends_at_the_next_reading(
+    hx: Any,
+    loopback_server_factory: Any,
+    server_ssl_context: ssl.SSLContext,
+    client_ssl_context: ssl.SSLContext,
+) -> None:
+    # It reads the server's GOAWAY at the next request and closes itself; httpcore retries
+    # the request on a new connection and drops the old one without a close call.
+    server: LoopbackServer = loopback_server_factory(tls=server_ssl_context, idle_timeout=0.2)
+    async with hx.AsyncClient(http2=True, verify=client_ssl_context) as client:
+        poolwatch.instrument(client)
+        assert (await client.get(f"{server.url}/ok")).http_version == "HTTP/2"
+        # Idle past the server's timeout: it sends GOAWAY and closes (its books count a TLS
+        # connection open until the client answers, so they cannot say when).
+        await anyio.sleep(0.5)
+        await client.get(f"{server.url}/ok")
+        snap = poolwatch.snapshot(client)
+        assert snap.connections_created_total == 2 == server.stats.accepted_connections
+        assert snap.requests_total == 2 == server.stats.requests
+        assert snap.origins[0].connection_duration.count == 1
+        assert snap.idle_connections == 1 == httpcore_view(client).open
+
+
+@pytest.mark.anyio
+async def test_an_exporter_failing_on_one_closed_connection_leaves_the_others_counted(
+    hx: Any, loopback_server: LoopbackServer
+) -> None:
+    async with hx.AsyncClient() as client:
+        poolwatch.instrument(client)
+        url = f"{loopback_server.url}/ok"
+        held = [await client.send(client.build_request("GET", url), stream=True) for _ in (0, 1, 2)]
+        for response in held:
+            await response.aread()
+            await response.aclose()
+        told: list[float] = []
+
+        def broken(origin: Any, lifetime: float) -> None:
+            told.append(lifetime)
+            raise RuntimeError("an exporter's bug")
+
+        _api._lookup(client).hooks.on_connection_closed = broken  # as an exporter sets it
+    # The client's close hands the pool's three connections to one close call.
+    assert len(told) == 3
+    assert poolwatch.snapshot(client).origins[0].connection_duration.count == 3
+
+
 def test_a_connection_past_its_keep_alive_expiry_ends_when_the_pool_drops_it(
     hx: Any, loopback_server: LoopbackServer
 ) -> None:
