@@ -8,7 +8,9 @@ imports. Every thread counts (the OTel batch span processor's too).
 The variants are ``client.py``'s, built by its ``Setup`` (poolwatch's saturation sampler off:
 its once-a-second wake-ups would count by valgrind's slow clock), without the export step.
 Run: ``python bench/instructions.py --url http://127.0.0.1:PORT/`` against ``bench/server.py``
-(started separately, not under valgrind). Slow: minutes per run. "quotient" is a variant's
+(started separately, not under valgrind). ``--after-bare``: another client makes the process's
+first connections, as the bare client's warm-up does in ``paired.py`` (what poolwatch adds to
+httpcore's classes must fit their layout then too). Slow: minutes per run. "quotient" is a variant's
 overhead over otel-httpx's, ``(variant - bare) / (otel-httpx - bare)``: the OTel target's measure.
 
 Every client process runs with a fixed ``PYTHONHASHSEED`` (``--seeds``, default 0). A random
@@ -38,8 +40,22 @@ from client import Setup
 VARIANTS = ("bare", "poolwatch-prom", "poolwatch-prom-otel", "otel-httpx")
 
 
-def client(family: str, variant: str, url: str, requests: int, concurrency: int = 1) -> None:
+def client(
+    family: str,
+    variant: str,
+    url: str,
+    requests: int,
+    concurrency: int = 1,
+    after_bare: bool = False,
+) -> None:
     async def main() -> None:
+        if after_bare:
+            # The process's first connections are another client's, as in paired.py, where
+            # the bare client warms up first: once ~28 connections exist, CPython 3.11 lets
+            # one more attribute name into their class's shared layout, and poolwatch's
+            # names must fit (tests/test_host_objects.py).
+            async with Setup("bare", family, concurrency).client as first:
+                await asyncio.gather(*(first.get(url) for _ in range(4 * concurrency)))
         setup = Setup(variant, family, concurrency, saturation_threshold=None)
         if setup.poolwatch_otel:
             # Valgrind runs ~50x slower in wall time, so waits of a fraction of a millisecond
@@ -76,10 +92,17 @@ def callgrind(args: list[str], seed: int = 0) -> int:
 
 
 def count(
-    family: str, variant: str, url: str, requests: int, concurrency: int = 1, seed: int = 0
+    family: str,
+    variant: str,
+    url: str,
+    requests: int,
+    concurrency: int = 1,
+    seed: int = 0,
+    after_bare: bool = False,
 ) -> int:
     args = [__file__, "--client", family, variant, url, str(requests)]
-    return callgrind([*args, "--concurrency", str(concurrency)], seed)
+    args += ["--concurrency", str(concurrency)] + (["--after-bare"] if after_bare else [])
+    return callgrind(args, seed)
 
 
 def main() -> None:
@@ -99,11 +122,16 @@ def main() -> None:
         default="0",
         help="comma-separated PYTHONHASHSEED values; each variant is paired with bare per seed",
     )
+    parser.add_argument(
+        "--after-bare",
+        action="store_true",
+        help="another client makes the process's first 4 x C requests, as in paired.py",
+    )
     parser.add_argument("--client", nargs=4, metavar=("FAMILY", "VARIANT", "URL", "N"))
     args = parser.parse_args()
     if args.client:
         family, variant, url, n = args.client
-        client(family, variant, url, int(n), args.concurrency)
+        client(family, variant, url, int(n), args.concurrency, args.after_bare)
         return
     if not args.url:
         parser.error("--url is required")
@@ -113,13 +141,14 @@ def main() -> None:
     if "bare" not in variants:
         variants = ["bare", *variants]
     seeds = [int(seed) for seed in args.seeds.split(",")]
+    after = args.after_bare
     for family in args.family or ("httpx", "httpx2"):
         # per_request[variant][i]: instructions per request at seeds[i]
         per_request: dict[str, list[float]] = {}
         for variant in variants:
             for seed in seeds:
-                small = count(family, variant, args.url, n, args.concurrency, seed)
-                large = count(family, variant, args.url, 3 * n, args.concurrency, seed)
+                small = count(family, variant, args.url, n, args.concurrency, seed, after)
+                large = count(family, variant, args.url, 3 * n, args.concurrency, seed, after)
                 per_request.setdefault(variant, []).append((large - small) / (2 * n))
         bare = per_request["bare"]
         otel_httpx = per_request.get("otel-httpx")
@@ -143,7 +172,8 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     print(
         f"\n(PYTHONHASHSEED {args.seeds}; with several seeds, medians and [min..max] over them)"
-        "\n\n| family | C | variant | instructions / request | ratio vs bare "
+        + (", after another client's first connections" if after else "")
+        + "\n\n| family | C | variant | instructions / request | ratio vs bare "
         "| overhead / otel-httpx's |"
     )
     print("|---|---|---|---|---|---|")

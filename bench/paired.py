@@ -19,9 +19,14 @@ instrumentation), or the run fails.
 httpcore's trace extension (~30 µs, 3 % there): a transport that gives each request a trace
 callback noting every event's time and a few counts. Measured here the same way as poolwatch,
 it says what "3 %" costs in this harness. ``hooks-skeleton``, ``hooks-entry``,
-``hooks-connections``, ``hooks-attributes`` and ``hooks-current`` (poolwatch's hooking as it is
-since 614634f: pool entry, connection call, HTTP/1.1 release) give a bare client parts of
+``hooks-connections``, ``hooks-attributes`` and ``hooks-current`` (poolwatch's hooking as it was
+from 614634f: pool entry, connection call and close, HTTP/1.1 release) give a bare client parts of
 poolwatch's hooking with no bookkeeping (``_Skeleton``): what the hooks cost by themselves.
+``hooks-two-names`` is that hooking as of 4cc1310 (the release a plain call), ``hooks-now`` as
+of cf17475 (the connections' close learnt from the pool's ``_close_connections``: one attribute
+name on the connection class instead of two, which matters here because the bare client's
+warm-up makes the process's first connections: past ~28 of them CPython 3.11 lets only one
+more name into the class's layout, and a connection given two gets a dictionary).
 ``hooks-ledger`` adds the least bookkeeping poolwatch's figures could be made from (a note of
 each request's times, handed to the scrape on release; nothing counted on the request path).
 ``--no-gc`` and ``--no-sampler`` take the garbage collector and poolwatch's saturation sampler
@@ -60,10 +65,10 @@ from run import TARGET_OTEL_SHARE, TARGET_PROM_RATIO, Server, pinning  # noqa: E
 
 
 class _PoolStats:
-    __slots__ = ("active", "done", "duration", "new", "peak")
+    __slots__ = ("active", "closed", "done", "duration", "new", "peak")
 
     def __init__(self) -> None:
-        self.active = self.done = self.new = self.peak = 0
+        self.active = self.closed = self.done = self.new = self.peak = 0
         self.duration = 0.0
 
 
@@ -122,9 +127,13 @@ class _Skeleton:
     set as instance attributes, as poolwatch's), ``streams`` (a close wrapper per response
     holding a weak reference to the stream), ``release`` (a coroutine wrapper on each HTTP/1.1
     connection's ``_response_closed``, set once per connection as an instance attribute: how
-    poolwatch ends a request since 614634f), ``attributes`` (only two instance attributes per
-    connection, holding its own bound methods: no wrapper at all). Set after the warm-up, on
-    the connections the pool has then and on those it makes later."""
+    poolwatch ends a request since 614634f; ``plain-release`` makes it a plain call that
+    returns httpcore's own coroutine, as since 4cc1310), ``pool-close`` (the connections'
+    close is not wrapped; the pool's ``_close_connections`` is, a plain call that returns
+    httpcore's own: one attribute name on the connection class, as poolwatch since cf17475),
+    ``attributes`` (only two instance attributes per connection, holding its own bound
+    methods: no wrapper at all). Set after the warm-up, on the connections the pool has then
+    and on those it makes later."""
 
     def __init__(self, family: str, concurrency: int, parts: set[str]) -> None:
         self._bare = Setup("bare", family, concurrency)
@@ -169,6 +178,15 @@ class _Skeleton:
             return conn
 
         pool.create_connection = create_connection
+        if "pool-close" in parts:
+            close_cls = pool_cls
+
+            def close_connections(closing: list[Any]) -> Any:
+                if closing:
+                    stats.closed += len(closing)
+                return close_cls._close_connections(pool, closing)
+
+            pool._close_connections = close_connections
 
     def _hook_connection(self, conn: Any) -> None:
         parts = self.parts
@@ -203,6 +221,8 @@ class _Skeleton:
                     inner._response_closed = (
                         _LedgerRelease(inner, current, finished, inflight)
                         if ledger
+                        else _PlainRelease(inner)
+                        if "plain-release" in parts
                         else _SkeletonRelease(inner)
                     )
             return response
@@ -211,7 +231,8 @@ class _Skeleton:
             await cls.aclose(conn)
 
         conn.handle_async_request = handle_async_request
-        conn.aclose = aclose
+        if "pool-close" not in parts:  # else the pool's close call says it (see hook())
+            conn.aclose = aclose
 
 
 class _SkeletonClose:
@@ -241,6 +262,20 @@ class _SkeletonRelease:
     async def __call__(self) -> None:
         inner = self.inner
         await type(inner)._response_closed(inner)
+
+
+class _PlainRelease:
+    """``plain-release``: the release handed on as httpcore's own coroutine (a plain call that
+    returns it), as poolwatch's since 4cc1310."""
+
+    __slots__ = ("inner",)
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __call__(self) -> Any:
+        inner = self.inner
+        return type(inner)._response_closed(inner)
 
 
 class _Note:
@@ -288,6 +323,8 @@ def _ignore(ref: Any) -> None:
 SKELETONS = {
     "hooks-skeleton": {"entry", "connections", "streams"},
     "hooks-current": {"entry", "connections", "release"},
+    "hooks-two-names": {"entry", "connections", "release", "plain-release"},
+    "hooks-now": {"entry", "connections", "release", "plain-release", "pool-close"},
     "hooks-ledger": {"entry", "connections", "release", "ledger"},
     "hooks-entry": {"entry"},
     "hooks-connections": {"connections"},
