@@ -556,7 +556,13 @@ def instance_attr(obj: Any, name: str) -> Any | None:
 
 
 def remove_instance_attr(obj: Any, name: str) -> None:
-    """Delete an instance attribute if ``obj`` has one (its class's stays)."""
+    """Delete an instance attribute if ``obj`` has one (its class's stays).
+
+    Only then: on CPython 3.11 deleting a name the object does not have first adds the name
+    to its class's shared layout, and where that is full (a process that made ~28 of them)
+    moves the object's attributes into a dictionary, as a new name would."""
+    if instance_attr(obj, name) is None:
+        return
     with contextlib.suppress(AttributeError):
         delattr(obj, name)
 

@@ -87,9 +87,12 @@ def test_http1_connections_keep_their_layout_when_poolwatch_comes_after_many_con
     assert result["checked"] >= 2 + 4  # the kept connection, its HTTP/1.1 one, 4 requests
     assert result["closed"] == 1 == result["dropped"]  # the idle one the pool could not keep
     assert result["during"] == []
+    assert result["after"] == []  # uninstrument() too
 
 
+@pytest.mark.parametrize("scenario", ["async-http2", "late-async-http2"])
 def test_an_http2_client_keeps_its_objects_laid_out(
+    scenario: str,
     hx: Any,
     loopback_server_factory: Any,
     server_ssl_context: ssl.SSLContext,
@@ -99,7 +102,7 @@ def test_an_http2_client_keeps_its_objects_laid_out(
     server: LoopbackServer = loopback_server_factory(tls=server_ssl_context)
     ca_pem = tmp_path / "ca.pem"
     trustme_ca.cert_pem.write_to_path(str(ca_pem))
-    result = run_scenario("async-http2", hx, server.url, str(ca_pem))
+    result = run_scenario(scenario, hx, server.url, str(ca_pem))
     assert result["checked"] >= 3 + 3 * 2
     assert result["during"] == []
     assert result["after"] == []
