@@ -280,8 +280,8 @@ def watch_connection(
     flavour: Flavour,
     is_async: bool,
     hooks: Hooks,
+    closes_through_pool: bool,
     connected: bool = False,
-    closes_through_pool: bool = True,
 ) -> None:
     """Attach poolwatch to a connection the pool just created (or already had).
 
