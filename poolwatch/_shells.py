@@ -490,11 +490,7 @@ def _sync_connection_close(site: _Site, cls: type) -> Callable[[], None]:
 
 
 def _closed(site: _Site) -> None:
-    try:
-        assert site.record is not None
-        _connection_gone(site.core, site.record, site.key, site.hooks)
-    except Exception as exc:
-        report_internal_error("connection close bookkeeping", exc)
+    connections_gone(site.core, ((site.key, site.record),), site.hooks)
 
 
 def _closed_with_response(site: _Site, conn: Any) -> None:
