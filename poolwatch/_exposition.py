@@ -26,6 +26,7 @@ from bisect import bisect_right
 from collections.abc import Iterable, Iterator
 from itertools import accumulate, chain
 from operator import attrgetter
+from typing import Any
 
 from ._catalogue import CATALOGUE, OPEN_CONNECTIONS, MetricSpec
 from ._core import OriginSnapshot
@@ -33,13 +34,15 @@ from ._histogram import HistogramSnapshot
 from ._safety import report_internal_error
 from ._samples import (
     ORIGIN_SERIES,
+    POOL_SERIES,
     OpenConnectionKey,
     error_samples,
     open_connection_counts,
     open_connection_labels,
     origin_labels,
     origin_values,
-    pool_samples,
+    pool_histograms,
+    pool_values,
 )
 from ._snapshot import PoolSnapshot
 
@@ -103,12 +106,19 @@ class _PoolText:
         "open_text",
         "origins",
         "pool",
+        "scalars",
+        "scalars_of",
         "text",
     )
 
     def __init__(self) -> None:
         #: The pool-wide series, by metric.
         self.pool: dict[MetricSpec, _Series] = {}
+        #: The lines of the pool-wide numbers (by family), and the values they were written
+        #: from: a busy pool's are most often the same again at the next scrape (nothing
+        #: waiting, nothing in flight, the same limit), so they are written only when moved.
+        self.scalars: list[tuple[int, bytes]] = []
+        self.scalars_of: tuple[object, ...] | None = None
         #: The failed-requests series, by labels.
         self.errors: dict[tuple[str, ...], _Series] = {}
         #: The per-origin series of the origins of the last snapshot.
@@ -132,12 +142,18 @@ class _PoolText:
                 self.joined = True
             return self.text
         by_family: list[list[bytes]] = [[] for _ in CATALOGUE]
+        values = pool_values(snap)
+        if values != self.scalars_of:
+            self.scalars = self._pool_scalars(snap.name, values)
+            self.scalars_of = values
+        for family, line in self.scalars:
+            by_family[family].append(line)
         pool = self.pool
-        for spec, labels, value in pool_samples(snap):
+        for spec, h in pool_histograms(snap):
             one = pool.get(spec)
             if one is None:
-                one = pool[spec] = _Series(spec, labels)
-            one.write(by_family, value)
+                one = pool[spec] = _Series(spec, (snap.name,))
+            by_family[one.family].append(one.histogram(h))
         origins = snap.origins
         # What the per-origin lines are written from besides the values: each origin's key
         # and protocol versions (which zero lines of open connections it has).
@@ -172,6 +188,19 @@ class _PoolText:
         self.joined = False
         self.last = snap
         return self.text
+
+    def _pool_scalars(self, name: str, values: tuple[Any, ...]) -> list[tuple[int, bytes]]:
+        """The lines of the pool-wide numbers, by family (none for a limit of ``None``)."""
+        pool = self.pool
+        out: list[list[bytes]] = [[] for _ in CATALOGUE]
+        for (spec, _), value in zip(POOL_SERIES, values, strict=True):
+            if value is None:
+                continue
+            one = pool.get(spec)
+            if one is None:
+                one = pool[spec] = _Series(spec, (name,))
+            one.write(out, value)
+        return [(family, line) for family, lines in enumerate(out) for line in lines]
 
     def _open_connections(self, snap: PoolSnapshot) -> bytes:
         """The open-connections lines, one format for all of them."""

@@ -2,9 +2,9 @@
 
 The Prometheus collector, the multiprocess pusher and the OpenTelemetry observable callbacks
 all iterate ``samples()``; none of them decides on its own which series exist. poolwatch's own
-Prometheus page (``_exposition.py``) walks the same parts (``pool_samples``, ``ORIGIN_SERIES``,
-``error_samples``, ``open_connection_counts``) without making a tuple per sample, the bulk of
-a scrape's work when every origin moved.
+Prometheus page (``_exposition.py``) walks the same parts (``POOL_SERIES``,
+``pool_histograms``, ``ORIGIN_SERIES``, ``error_samples``, ``open_connection_counts``) without
+making a tuple per sample, the bulk of a scrape's work when every origin moved.
 """
 
 from __future__ import annotations
@@ -86,29 +86,40 @@ def origin_labels(pool_name: str, o: OriginSnapshot) -> tuple[str, str, str, str
     return (pool_name, o.address, str(o.port), o.scheme)
 
 
+#: The pool-wide series that are numbers, each as (metric, the field of ``PoolSnapshot`` it
+#: reads); a pool with no limit has no ``CONNECTION_MAX`` (its field is ``None``).
+POOL_SERIES: tuple[tuple[c.MetricSpec, str], ...] = (
+    (c.PENDING_REQUESTS, "pending_requests"),
+    (c.PENDING_MAX_AGE, "pending_max_age"),
+    (c.ACTIVE_MAX_AGE, "active_max_age"),
+    (c.CONNECTION_MAX, "max_connections"),
+    (c.UTILIZATION, "utilization"),
+    (c.LEAKED_RESPONSES, "leaked_responses_total"),
+)
+#: A pool's values of ``POOL_SERIES``, in that order, in one call.
+pool_values: Callable[[PoolSnapshot], tuple[Any, ...]] = attrgetter(
+    *(field for _, field in POOL_SERIES)
+)
+
+
 def pool_samples(snap: PoolSnapshot) -> Iterator[Sample]:
     """The pool-wide series."""
     pool = (snap.name,)
-    yield (c.PENDING_REQUESTS, pool, snap.pending_requests)
-    yield (c.PENDING_MAX_AGE, pool, snap.pending_max_age)
-    yield (c.ACTIVE_MAX_AGE, pool, snap.active_max_age)
-    if snap.max_connections is not None:
-        yield (c.CONNECTION_MAX, pool, snap.max_connections)
-    yield (c.UTILIZATION, pool, snap.utilization)
-    yield (c.LEAKED_RESPONSES, pool, snap.leaked_responses_total)
-    for spec, histogram in (
-        (c.CONNECT_TIME, snap.connect_time),
-        (c.TLS_TIME, snap.tls_time),
-        (c.TIME_TO_FIRST_BYTE, snap.time_to_first_byte),
-        (c.REQUEST_DURATION, snap.request_duration),
-    ):
-        if (
-            spec is c.TLS_TIME
-            and not histogram.count
-            and all(o.scheme == "http" for o in snap.origins)
-        ):
-            continue  # plain HTTP only (so far): no handshake to time
+    for (spec, _), value in zip(POOL_SERIES, pool_values(snap), strict=True):
+        if value is not None:
+            yield (spec, pool, value)
+    for spec, histogram in pool_histograms(snap):
         yield (spec, pool, histogram)
+
+
+def pool_histograms(snap: PoolSnapshot) -> Iterator[tuple[c.MetricSpec, HistogramSnapshot]]:
+    """The pool-wide histograms."""
+    yield (c.CONNECT_TIME, snap.connect_time)
+    tls = snap.tls_time
+    if tls.count or any(o.scheme != "http" for o in snap.origins):
+        yield (c.TLS_TIME, tls)  # (plain HTTP only, so far: no handshake to time)
+    yield (c.TIME_TO_FIRST_BYTE, snap.time_to_first_byte)
+    yield (c.REQUEST_DURATION, snap.request_duration)
 
 
 def error_samples(origin: tuple[str, ...], o: OriginSnapshot) -> Iterator[Sample]:

@@ -237,14 +237,14 @@ def test_a_pool_that_cannot_be_written_is_left_out_and_the_others_stay(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    real = poolwatch._exposition.pool_samples
+    real = poolwatch._exposition.pool_values
 
     def failing_for_one(snap: poolwatch.PoolSnapshot) -> Any:
         if snap.name == "broken":
             raise RuntimeError("cannot write this pool")
         return real(snap)
 
-    monkeypatch.setattr(poolwatch._exposition, "pool_samples", failing_for_one)
+    monkeypatch.setattr(poolwatch._exposition, "pool_values", failing_for_one)
     with (
         caplog.at_level(logging.INFO, logger="poolwatch"),
         traffic(hx, loopback_server, "broken"),
@@ -340,7 +340,8 @@ def _random_histogram(rng: random.Random, spec: MetricSpec) -> HistogramSnapshot
 
 def _random_pool(rng: random.Random, name: str, last: PoolSnapshot | None) -> PoolSnapshot:
     """A pool's next snapshot: origins, versions, errors and connection groups that come and
-    go, with the last one's connection-group tuple kept now and then (as a busy pool's is)."""
+    go, with the last one's connection-group tuple kept now and then (as a busy pool's is),
+    and its pool-wide numbers kept now and then (as a busy pool's are at most scrapes)."""
     hosts = rng.sample(
         ["api.test", "b.test", '"q"%d.test', "ü.test", "x\\y.test"], rng.randrange(4)
     )
@@ -373,13 +374,19 @@ def _random_pool(rng: random.Random, name: str, last: PoolSnapshot | None) -> Po
             for state in rng.sample(["active", "idle", "connecting"], rng.randrange(3))
             for version in (rng.choice(("1.1", "2", "")),)
         )
+    if last is not None and rng.random() < 0.5:  # pool-wide numbers as they were
+        limit, pending, utilization = last.max_connections, last.pending_requests, last.utilization
+        leaked, ages = last.leaked_responses_total, (last.pending_max_age, last.active_max_age)
+    else:
+        limit, pending, utilization = rng.choice((None, 10, 100)), rng.randrange(5), rng.random()
+        leaked, ages = rng.randrange(3), (rng.random(), rng.random() * 9)
     return PoolSnapshot(
-        name=name, max_connections=rng.choice((None, 10, 100)), active_connections=0,
-        idle_connections=0, pending_requests=rng.randrange(5), active_requests=0,
-        utilization=rng.random(), requests_total=0, reused_requests_total=0,
+        name=name, max_connections=limit, active_connections=0,
+        idle_connections=0, pending_requests=pending, active_requests=0,
+        utilization=utilization, requests_total=0, reused_requests_total=0,
         connections_created_total=0, pool_timeouts_total=0,
-        leaked_responses_total=rng.randrange(3), reuse_ratio=None,
-        pending_max_age=rng.random(), active_max_age=rng.random() * 9,
+        leaked_responses_total=leaked, reuse_ratio=None,
+        pending_max_age=ages[0], active_max_age=ages[1],
         connections=connections, origins=origins,
         connect_time=_random_histogram(rng, CONNECT_TIME),
         tls_time=rng.choice((_random_histogram(rng, TLS_TIME), NO_OBSERVATIONS)),
