@@ -267,6 +267,10 @@ class PoolCore:
         #: own changes all happen between its ``start()`` and its ``finish()``.) While it stands
         #: still and nothing is in flight, the last snapshot is still true.
         self.changes = 0
+        #: Counts the connections joining and leaving (a part of ``changes``): while it stands
+        #: still, nothing is in flight and no response leaked, the pool's connections are in
+        #: the states of the last reading, but for what the server or a direct close did.
+        self.connection_changes = 0
         #: Work handed over while the lock was taken (see ``when_unlocked``).
         self.deferred: list[Callable[[], None]] = []
         #: Request phases, pool-wide (the dashboard reads them by pool; per origin they were
@@ -604,6 +608,7 @@ class PoolCore:
         with self._lock:
             self.conns[key] = conn
             self.changes += 1
+            self.connection_changes += 1
 
     def connection_closed(self, conn: ConnRecord, key: int) -> float | None:
         """A connection left the pool (closed by the pool, the server, or an error).
@@ -613,6 +618,7 @@ class PoolCore:
         now = self.clock()
         with self._lock:
             self.changes += 1
+            self.connection_changes += 1
             if self.conns.get(key) is conn:  # the id may be a newer connection's by now
                 del self.conns[key]
             if conn.closed:

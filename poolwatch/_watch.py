@@ -8,7 +8,7 @@ from types import MappingProxyType
 from typing import Any
 
 from . import _httpcore, _shells
-from ._core import NO_ERRORS, OriginStats, PoolCore
+from ._core import NO_ERRORS, CoreSnapshot, OriginStats, PoolCore
 from ._httpcore import Flavour
 from ._safety import report_internal_error
 from ._saturation import Pressure, SaturationCallback, SaturationMonitor
@@ -57,19 +57,35 @@ class _AtRest:
     The core's change count catches requests and the closes poolwatch sees; the connection
     lists catch anything else that adds, drops or closes a connection (a path where
     poolwatch's own bookkeeping failed); the poll catches the server closing an idle one.
+    Its connections alone may still be true when requests came and went since (a busy pool
+    at a scrape between its requests): no connection joined or left, none leaked, and every
+    one was settled (connected, its protocol known, watched); then only the core is read.
     """
 
-    __slots__ = ("_unpolled", "changes", "dead", "snapshot", "sockets", "walked")
+    __slots__ = (
+        "_unpolled",
+        "changes",
+        "connection_changes",
+        "dead",
+        "leaked",
+        "settled",
+        "snapshot",
+        "sockets",
+        "walked",
+    )
 
     def __init__(
         self,
-        changes: int,
+        changes: tuple[int, int, int],
         walked: list[tuple[list[Any], list[Any]]],
         sockets: _httpcore.IdleSockets,
         dead: set[int],
         snapshot: PoolSnapshot,
+        settled: bool,
     ) -> None:
-        self.changes = changes  # the core's change count when it was read
+        #: The core's change counts and leaked responses when it was read.
+        self.changes, self.connection_changes, self.leaked = changes
+        self.settled = settled
         #: Each pool's connections then, and the open ones among them.
         self.walked = walked
         #: Per pool, the open ones whose socket is not polled (HTTP/2, busy or connecting
@@ -310,15 +326,34 @@ class ClientWatch:
         core = self.core
         if core.deferred:
             core.run_deferred()
+        # Read before the pools: a change made while they are read shows as a change later.
+        counts = (core.changes, core.connection_changes, core.leaked_count)
+        at_rest = core.active == 0
         rest = self._at_rest
-        if rest is not None and rest.changes == core.changes and core.active == 0:
+        if at_rest and rest is not None:
             try:
-                if rest.still_true(self._pools):
-                    return rest.snapshot
+                if rest.changes == counts[0]:
+                    if rest.still_true(self._pools):
+                        return rest.snapshot
+                elif (
+                    rest.settled
+                    and rest.connection_changes == counts[1]
+                    and rest.leaked == counts[2]
+                    and rest.still_true(self._pools)
+                ):
+                    last = rest.snapshot
+                    snap = self._with_core(
+                        core.snapshot(),
+                        last.active_connections,
+                        last.idle_connections,
+                        last.connecting_connections,
+                        last.connections,
+                        0,
+                    )
+                    rest.changes, rest.snapshot = counts[0], snap
+                    return snap
             except Exception:  # read in full below, which reports the failure
                 pass
-        # Read before the pools: a change made while they are read shows as a change later.
-        changes, at_rest = core.changes, core.active == 0
         walked: list[tuple[list[Any], list[Any]]] = []  # (connections, the open ones) by pool
         # Open connections by (origin, state, protocol version).
         groups: dict[tuple[OriginStats, str, str], int] = {}
@@ -384,11 +419,41 @@ class ClientWatch:
             open_ids = {id(c) for _, still_open in walked for c in still_open}
             gone = [(key, record) for key, record in recorded if key not in open_ids]
             _shells.connections_gone(core, gone, self.hooks)
-        s = core.snapshot()
         by_state = {"active": 0, "idle": 0, "connecting": 0}
-        for (_o, state, _v), n in groups.items():
+        versionless = False
+        for (_o, state, version), n in groups.items():
             by_state[state] += n
-        active = by_state["active"]
+            versionless = versionless or not version
+        snap = self._with_core(
+            core.snapshot(),
+            by_state["active"],
+            by_state["idle"],
+            by_state["connecting"],
+            self._connection_groups(groups),
+            unreadable,
+        )
+        settled = (
+            matched == sum(len(still_open) for _, still_open in walked)
+            and not by_state["connecting"]
+            and not versionless
+        )
+        self._at_rest = (
+            _AtRest(counts, walked, sockets, dead, snap, settled)
+            if at_rest and sockets is not None and not unreadable
+            else None
+        )
+        return snap
+
+    def _with_core(
+        self,
+        s: CoreSnapshot,
+        active: int,
+        idle: int,
+        connecting: int,
+        connections: tuple[ConnectionGroup, ...],
+        unreadable: int,
+    ) -> PoolSnapshot:
+        """The pool's snapshot: the core's reading, with its connections as read."""
         limit = self.max_connections()
         requests = reused = created = timeouts = 0
         errors: dict[str, int] = {}
@@ -400,11 +465,11 @@ class ClientWatch:
             if o.errors:
                 for error_type, n in o.errors.items():
                     errors[error_type] = errors.get(error_type, 0) + n
-        snap = new_pool_snapshot(
+        return new_pool_snapshot(
             name=self.name,
             max_connections=limit,
             active_connections=active,
-            idle_connections=by_state["idle"],
+            idle_connections=idle,
             pending_requests=s.pending_requests,
             active_requests=s.active_requests,
             utilization=(active / limit) if limit else 0.0,
@@ -414,11 +479,11 @@ class ClientWatch:
             pool_timeouts_total=timeouts,
             leaked_responses_total=s.leaked_responses,
             reuse_ratio=(reused / requests) if requests else None,
-            connecting_connections=by_state["connecting"],
+            connecting_connections=connecting,
             pending_max_age=s.pending_max_age,
             active_max_age=s.active_max_age,
             errors=MappingProxyType(errors) if errors else NO_ERRORS,
-            connections=self._connection_groups(groups),
+            connections=connections,
             origins=s.origins,
             unreadable_pools=unreadable,
             connect_time=s.connect_time,
@@ -426,9 +491,3 @@ class ClientWatch:
             time_to_first_byte=s.time_to_first_byte,
             request_duration=s.request_duration,
         )
-        self._at_rest = (
-            _AtRest(changes, walked, sockets, dead, snap)
-            if at_rest and sockets is not None and not unreadable
-            else None
-        )
-        return snap

@@ -11,6 +11,7 @@ import socket
 import ssl
 import threading
 import time
+from multiprocessing.pool import ThreadPool
 from typing import Any
 
 import anyio
@@ -944,6 +945,77 @@ async def test_an_idle_tls_connection_the_server_closed_is_no_longer_counted_as_
         after = poolwatch.snapshot(client)
         assert after.idle_connections == 0
         assert httpcore_view(client).idle == 1  # httpcore has not noticed yet
+
+
+def test_a_pool_read_between_its_requests_counts_each_one_on_the_connections_it_had(
+    hx: Any, loopback_server: LoopbackServer
+) -> None:
+    # Requests came and went on the same connections since the last reading: the core is
+    # read again, the connections' reading is kept (no connection joined, left or leaked).
+    with hx.Client() as client:
+        poolwatch.instrument(client, name="between-requests")
+        [watch] = [w for w in _api.watches() if w.name == "between-requests"]
+        with ThreadPool(2) as threads:  # two connections, both idle after
+            threads.map(lambda _: client.get(f"{loopback_server.url}/delay?ms=100"), range(2))
+        first = poolwatch.snapshot(client)
+        rest = watch._at_rest
+        assert rest is not None
+        assert rest.settled
+        for n in range(3, 6):
+            client.get(f"{loopback_server.url}/ok")
+            snap = poolwatch.snapshot(client)
+            assert watch._at_rest is rest  # the connections were not walked again
+            assert snap is not first
+            assert snap.requests_total == n == loopback_server.stats.requests
+            assert snap.reused_requests_total == n - 2
+            assert snap.idle_connections == 2 == loopback_server.stats.open_connections
+            assert snap.idle_connections == httpcore_view(client).idle
+            assert_at_rest(snap)
+        client.get(f"{loopback_server.url}/close")  # then the server closes that connection
+        wait_until(lambda: loopback_server.stats.open_connections == 1, what="the server's close")
+        snap = poolwatch.snapshot(client)
+        assert snap.requests_total == 6
+        assert snap.idle_connections == 1
+
+
+@pytest.mark.anyio
+async def test_a_pool_read_between_its_requests_sees_the_server_close_an_idle_connection(
+    hx: Any, loopback_server_factory: Any
+) -> None:
+    server: LoopbackServer = loopback_server_factory(idle_timeout=1.0)
+    async with hx.AsyncClient() as client:
+        poolwatch.instrument(client, name="closed-between-requests")
+        async with anyio.create_task_group() as tg:
+            for _ in range(2):
+                tg.start_soon(client.get, f"{server.url}/delay?ms=100")
+        assert poolwatch.snapshot(client).idle_connections == 2 == server.stats.open_connections
+        await anyio.sleep(0.5)
+        await client.get(f"{server.url}/ok")  # on one of them: the other one's timer runs on
+        await await_until(lambda: server.stats.open_connections == 1, what="the server's close")
+        snap = poolwatch.snapshot(client)
+        assert snap.requests_total == 3
+        assert snap.idle_connections == 1 == server.stats.open_connections
+        assert httpcore_view(client).idle == 2  # httpcore has not noticed yet
+
+
+@pytest.mark.anyio
+async def test_a_pool_read_between_its_requests_sees_a_leaked_response_hold_its_connection(
+    hx: Any, loopback_server: LoopbackServer
+) -> None:
+    async with hx.AsyncClient() as client:
+        poolwatch.instrument(client, name="leaked-between-requests")
+        await client.get(f"{loopback_server.url}/ok")
+        assert poolwatch.snapshot(client).idle_connections == 1
+        response = await client.send(
+            client.build_request("GET", f"{loopback_server.url}/ok"), stream=True
+        )
+        del response
+        gc.collect()
+        snap = poolwatch.snapshot(client)
+        assert snap.leaked_responses_total == 1
+        assert snap.active_requests == 0
+        assert snap.active_connections == 1 == httpcore_view(client).busy
+        assert snap.idle_connections == 0
 
 
 @pytest.mark.anyio
