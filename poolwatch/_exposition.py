@@ -82,8 +82,8 @@ class Exposition:
                     report_internal_error("prometheus render", exc)
                     continue
                 current[snap.name] = pool  # pools gone since the last scrape are forgotten
-                for family, pieces in fragments:
-                    parts[family].extend(pieces)
+                for _ in map(list.extend, parts, fragments):  # in C: one extend per family
+                    pass
             self._pools = current
         out: list[bytes | memoryview] = [before]
         for spec, pieces in zip(CATALOGUE, parts, strict=True):
@@ -131,14 +131,14 @@ class _PoolText:
         self.open_text = b""
         self.open_made_of: tuple[object, tuple[object, ...]] = ((), ())
         self.last: PoolSnapshot | None = None
-        self.text: list[tuple[int, list[bytes]]] = []
+        self.text: list[list[bytes]] = [[] for _ in CATALOGUE]
         self.joined = False
 
-    def fragments(self, snap: PoolSnapshot) -> list[tuple[int, list[bytes]]]:
-        """The pool's text as (family index, pieces), for the families it has series in."""
+    def fragments(self, snap: PoolSnapshot) -> list[list[bytes]]:
+        """The pool's text as pieces, by family in the catalogue's order (none: no series)."""
         if snap is self.last:
             if not self.joined:  # at rest: one piece per family from now on
-                self.text = [(family, [b"".join(pieces)]) for family, pieces in self.text]
+                self.text = [[b"".join(pieces)] if pieces else pieces for pieces in self.text]
                 self.joined = True
             return self.text
         by_family: list[list[bytes]] = [[] for _ in CATALOGUE]
@@ -184,7 +184,7 @@ class _PoolText:
             by_family[_OPEN_CONNECTIONS].append(self.open_text)
         # Not joined: the page's join copies them once. Joined if the pool is still at rest
         # on the next scrape.
-        self.text = [(family, pieces) for family, pieces in enumerate(by_family) if pieces]
+        self.text = by_family
         self.joined = False
         self.last = snap
         return self.text
@@ -192,15 +192,15 @@ class _PoolText:
     def _pool_scalars(self, name: str, values: tuple[Any, ...]) -> list[tuple[int, bytes]]:
         """The lines of the pool-wide numbers, by family (none for a limit of ``None``)."""
         pool = self.pool
-        out: list[list[bytes]] = [[] for _ in CATALOGUE]
+        out: list[tuple[int, bytes]] = []
         for (spec, _), value in zip(POOL_SERIES, values, strict=True):
             if value is None:
                 continue
             one = pool.get(spec)
             if one is None:
                 one = pool[spec] = _Series(spec, (name,))
-            one.write(out, value)
-        return [(family, line) for family, lines in enumerate(out) for line in lines]
+            out.append((one.family, one.number(value)))
+        return out
 
     def _open_connections(self, snap: PoolSnapshot) -> bytes:
         """The open-connections lines, one format for all of them."""
@@ -302,12 +302,16 @@ class _Series:
 
     def write(self, by_family: list[list[bytes]], value: float | HistogramSnapshot) -> None:
         """Add the series' text to its family's pieces."""
-        if type(value) is int:
-            by_family[self.family].append(self.line % value)
-        elif isinstance(value, HistogramSnapshot):
+        if isinstance(value, HistogramSnapshot):
             by_family[self.family].append(self.histogram(value))
         else:
-            by_family[self.family].append(self.prefix + _number(value) + b"\n")
+            by_family[self.family].append(self.number(value))
+
+    def number(self, value: float) -> bytes:
+        """The line of a number."""
+        if type(value) is int:
+            return self.line % value
+        return self.prefix + _number(value) + b"\n"
 
     def histogram(self, h: HistogramSnapshot) -> bytes:
         """The block's text: one ``%`` of the cumulative counts."""

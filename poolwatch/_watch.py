@@ -12,7 +12,7 @@ from ._core import NO_ERRORS, CoreSnapshot, OriginStats, PoolCore
 from ._httpcore import Flavour
 from ._safety import report_internal_error
 from ._saturation import Pressure, SaturationCallback, SaturationMonitor
-from ._snapshot import ConnectionGroup, PoolSnapshot, new_pool_snapshot
+from ._snapshot import ConnectionGroup, PoolSnapshot, new_connection_group, new_pool_snapshot
 
 
 class _PoolPatch:
@@ -273,7 +273,7 @@ class ClientWatch:
         made = tuple(
             sorted(
                 (
-                    ConnectionGroup(o.scheme, o.address, o.port, state, version, n)
+                    new_connection_group(o.scheme, o.address, o.port, state, version, n)
                     for (o, state, version), n in groups.items()
                 ),
                 key=_GROUP_ORDER,
@@ -362,6 +362,7 @@ class ClientWatch:
         conns = core.conns
         recorded = list(conns.items())  # before the walk: one opened during it is not judged
         matched = 0  # of the open connections listed, those with a record
+        opened = 0
         load = core.connection_load()
         unreadable = 0
         for p in self._pools:
@@ -397,6 +398,7 @@ class ClientWatch:
                         idle_keys[id(conn)] = key
                     else:
                         groups[key] = groups.get(key, 0) + 1
+                opened += len(still_open)
             except Exception as exc:
                 unreadable += 1
                 report_internal_error("pool read", exc)

@@ -13,7 +13,7 @@ from poolwatch import PoolSnapshot
 from poolwatch._core import OriginSnapshot, OriginStats, _snapshot_origin
 from poolwatch._frozen import writable_twin
 from poolwatch._histogram import HistogramSnapshot, new_histogram_snapshot
-from poolwatch._snapshot import ConnectionGroup, new_pool_snapshot
+from poolwatch._snapshot import ConnectionGroup, new_connection_group, new_pool_snapshot
 
 
 def assert_same_frozen_instance(built: Any, expected: Any) -> None:
@@ -31,6 +31,11 @@ def assert_same_frozen_instance(built: Any, expected: Any) -> None:
 def test_a_histogram_snapshot_built_fast_is_the_one_its_constructor_makes() -> None:
     args = ((0.1, 1.0), (3, 0, 2), 5, 4.25)
     assert_same_frozen_instance(new_histogram_snapshot(*args), HistogramSnapshot(*args))
+
+
+def test_a_connection_group_built_fast_is_the_one_its_constructor_makes() -> None:
+    args = ("https", "api.example.test", 443, "idle", "2", 3)
+    assert_same_frozen_instance(new_connection_group(*args), ConnectionGroup(*args))
 
 
 def test_an_origin_snapshot_built_fast_is_the_one_its_constructor_makes() -> None:
