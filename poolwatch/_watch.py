@@ -321,7 +321,9 @@ class ClientWatch:
         A client at rest is read once: while nothing is in flight and the core has not
         changed, the last snapshot is still true, once a poll shows the server closed none of
         its idle connections since (scrapes and OTel collections read every pool, most of
-        them quiet; the saturation sampler takes the lighter ``pressure()``).
+        them quiet; the saturation sampler takes the lighter ``pressure()``). A client read
+        between its requests, its connections those of the last reading (see ``_AtRest``),
+        has only its core read again.
         """
         core = self.core
         if core.deferred:
