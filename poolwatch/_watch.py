@@ -366,6 +366,11 @@ class ClientWatch:
         matched = 0  # of the open connections listed, those with a record
         opened = 0
         load = core.connection_load()
+        # No request started since the counts were read (each start moves ``changes`` before
+        # it can hold a connection): the load, and so each connection's state, is the one of
+        # a client at rest. Else a request that came in between shows its connection active,
+        # and that is no reading to keep once it is over.
+        quiet = core.changes == counts[0]
         unreadable = 0
         for p in self._pools:
             try:
@@ -436,11 +441,7 @@ class ClientWatch:
             self._connection_groups(groups),
             unreadable,
         )
-        settled = (
-            matched == sum(len(still_open) for _, still_open in walked)
-            and not by_state["connecting"]
-            and not versionless
-        )
+        settled = quiet and matched == opened and not by_state["connecting"] and not versionless
         self._at_rest = (
             _AtRest(counts, walked, sockets, dead, snap, settled)
             if at_rest and sockets is not None and not unreadable

@@ -978,6 +978,43 @@ def test_a_pool_read_between_its_requests_counts_each_one_on_the_connections_it_
         assert snap.idle_connections == 1
 
 
+def test_a_reading_a_request_raced_into_is_not_kept_once_that_request_is_over(
+    hx: Any, loopback_server: LoopbackServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A full reading begins at rest; another thread's request takes a connection before the
+    # reading looks at the connections' load, so it rightly counts that connection active.
+    # Once the request is over, that reading is not to be kept as the connections' state.
+    with hx.Client() as client:
+        poolwatch.instrument(client, name="raced")
+        [watch] = [w for w in _api.watches() if w.name == "raced"]
+        core = watch.core
+        with ThreadPool(2) as threads:  # two connections, both idle after
+            threads.map(lambda _: client.get(f"{loopback_server.url}/delay?ms=100"), range(2))
+        real_load = core.connection_load
+        racer = threading.Thread(target=client.get, args=(f"{loopback_server.url}/delay?ms=300",))
+
+        def load_with_a_request_started_first() -> Any:
+            # Where a thread switch may land: the other thread's request gets a connection.
+            monkeypatch.setattr(core, "connection_load", real_load)
+            racer.start()
+            wait_until(
+                lambda: any(r.conn is not None for r in list(core._inflight.values())),
+                what="the other thread's request on a connection",
+            )
+            return real_load()
+
+        monkeypatch.setattr(core, "connection_load", load_with_a_request_started_first)
+        raced = poolwatch.snapshot(client)
+        assert raced.active_connections == 1
+        racer.join()
+        for n in range(4, 6):
+            snap = poolwatch.snapshot(client)
+            assert snap.active_connections == 0 == httpcore_view(client).busy
+            assert snap.idle_connections == 2 == httpcore_view(client).idle
+            assert snap.requests_total == n - 1 == loopback_server.stats.requests
+            client.get(f"{loopback_server.url}/ok")
+
+
 @pytest.mark.anyio
 async def test_a_pool_read_between_its_requests_sees_the_server_close_an_idle_connection(
     hx: Any, loopback_server_factory: Any
