@@ -28,6 +28,19 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+async def two_idle_connections(client: Any, url: str) -> None:
+    """Two requests at once: two connections to the server, both idle after."""
+    async with anyio.create_task_group() as tg:
+        for _ in range(2):
+            tg.start_soon(client.get, f"{url}/delay?ms=100")
+
+
+def two_idle_connections_sync(client: Any, url: str) -> None:
+    """``two_idle_connections`` for a sync client, from two threads."""
+    with ThreadPool(2) as threads:
+        threads.map(lambda _: client.get(f"{url}/delay?ms=100"), range(2))
+
+
 def assert_at_rest(snap: poolwatch.PoolSnapshot) -> None:
     assert snap.active_requests == 0
     assert snap.pending_requests == 0
@@ -843,9 +856,7 @@ async def test_a_reading_after_a_change_sees_the_server_close_idle_connections_i
     server: LoopbackServer = loopback_server_factory(idle_timeout=1.0)
     async with hx.AsyncClient() as client:
         poolwatch.instrument(client, name="polled-again")
-        async with anyio.create_task_group() as tg:
-            for _ in range(2):
-                tg.start_soon(client.get, f"{server.url}/delay?ms=100")
+        await two_idle_connections(client, server.url)
         assert poolwatch.snapshot(client).idle_connections == 2 == server.stats.open_connections
         [watch] = [w for w in _api.watches() if w.name == "polled-again"]
         polled = watch._sockets
@@ -955,8 +966,7 @@ def test_a_pool_read_between_its_requests_counts_each_one_on_the_connections_it_
     with hx.Client() as client:
         poolwatch.instrument(client, name="between-requests")
         [watch] = [w for w in _api.watches() if w.name == "between-requests"]
-        with ThreadPool(2) as threads:  # two connections, both idle after
-            threads.map(lambda _: client.get(f"{loopback_server.url}/delay?ms=100"), range(2))
+        two_idle_connections_sync(client, loopback_server.url)
         first = poolwatch.snapshot(client)
         rest = watch._at_rest
         assert rest is not None
@@ -988,8 +998,7 @@ def test_a_reading_a_request_raced_into_is_not_kept_once_that_request_is_over(
         poolwatch.instrument(client, name="raced")
         [watch] = [w for w in _api.watches() if w.name == "raced"]
         core = watch.core
-        with ThreadPool(2) as threads:  # two connections, both idle after
-            threads.map(lambda _: client.get(f"{loopback_server.url}/delay?ms=100"), range(2))
+        two_idle_connections_sync(client, loopback_server.url)
         real_load = core.connection_load
         racer = threading.Thread(target=client.get, args=(f"{loopback_server.url}/delay?ms=300",))
 
@@ -1022,9 +1031,7 @@ async def test_a_pool_read_between_its_requests_sees_the_server_close_an_idle_co
     server: LoopbackServer = loopback_server_factory(idle_timeout=1.0)
     async with hx.AsyncClient() as client:
         poolwatch.instrument(client, name="closed-between-requests")
-        async with anyio.create_task_group() as tg:
-            for _ in range(2):
-                tg.start_soon(client.get, f"{server.url}/delay?ms=100")
+        await two_idle_connections(client, server.url)
         assert poolwatch.snapshot(client).idle_connections == 2 == server.stats.open_connections
         await anyio.sleep(0.5)
         await client.get(f"{server.url}/ok")  # on one of them: the other one's timer runs on
