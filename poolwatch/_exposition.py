@@ -118,7 +118,7 @@ class _PoolText:
         #: from: a busy pool's are most often the same again at the next scrape (nothing
         #: waiting, nothing in flight, the same limit), so they are written only when moved.
         self.scalars: list[tuple[int, bytes]] = []
-        self.scalars_of: tuple[object, ...] | None = None
+        self.scalars_of: tuple[Any, ...] | None = None
         #: The failed-requests series, by labels.
         self.errors: dict[tuple[str, ...], _Series] = {}
         #: The per-origin series of the origins of the last snapshot.
@@ -172,7 +172,7 @@ class _PoolText:
                         one = errors.get(labels)
                         if one is None:
                             one = errors[labels] = _Series(spec, labels)
-                        one.write(by_family, value)
+                        by_family[one.family].append(one.number(value))
                         written += 1
             if len(errors) > 2 * written + _SPARE_ERRORS:  # error series long gone
                 self.errors = {}
@@ -299,13 +299,6 @@ class _Series:
                     f"{name}_sum{{{escaped}}} %b\n",
                 ]
             ).encode()
-
-    def write(self, by_family: list[list[bytes]], value: float | HistogramSnapshot) -> None:
-        """Add the series' text to its family's pieces."""
-        if isinstance(value, HistogramSnapshot):
-            by_family[self.family].append(self.histogram(value))
-        else:
-            by_family[self.family].append(self.number(value))
 
     def number(self, value: float) -> bytes:
         """The line of a number."""

@@ -122,7 +122,9 @@ def pool_histograms(snap: PoolSnapshot) -> Iterator[tuple[c.MetricSpec, Histogra
     yield (c.REQUEST_DURATION, snap.request_duration)
 
 
-def error_samples(origin: tuple[str, ...], o: OriginSnapshot) -> Iterator[Sample]:
+def error_samples(
+    origin: tuple[str, ...], o: OriginSnapshot
+) -> Iterator[tuple[c.MetricSpec, tuple[str, ...], int]]:
     """An origin's failed requests, one series per ``error.type`` seen."""
     for error_type, n in sorted(o.errors.items()):
         yield (c.REQUEST_ERRORS, (*origin, error_type), n)

@@ -76,7 +76,7 @@ class _AtRest:
 
     def __init__(
         self,
-        changes: tuple[int, int, int],
+        counts: tuple[int, int, int],
         walked: list[tuple[list[Any], list[Any]]],
         sockets: _httpcore.IdleSockets,
         dead: set[int],
@@ -84,7 +84,7 @@ class _AtRest:
         settled: bool,
     ) -> None:
         #: The core's change counts and leaked responses when it was read.
-        self.changes, self.connection_changes, self.leaked = changes
+        self.changes, self.connection_changes, self.leaked = counts
         self.settled = settled
         #: Each pool's connections then, and the open ones among them.
         self.walked = walked
