@@ -45,14 +45,13 @@ import contextlib
 import functools
 import importlib
 import inspect
-import math
 import select
 import socket
 import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -255,15 +254,17 @@ def is_connection_idle(conn: Any) -> bool:
     return bool(conn.is_idle())
 
 
-class IdleSockets:
-    """The idle HTTP/1.1 connections among ``(connection, http_version)`` pairs, ready to be
-    asked, all at once and as often as needed, which of them the server already closed (their
-    socket turned readable: EOF), which httpcore notices only on its next pool pass (its own
-    ``has_expired`` rule).
+class OpenSockets:
+    """The sockets of the open HTTP/1.1 connections among ``(connection, http_version)``
+    pairs, ready to be asked, all at once and as often as needed, which idle ones the server
+    already closed (their socket turned readable: EOF), which httpcore notices only on its
+    next pool pass (its own ``has_expired`` rule).
 
     One ``poll()`` for all of them, on sockets looked up once per connection: httpcore's own
     check asks anyio for every extra attribute of the stream (a ``getpeername()`` included)
-    each time, which made a 1,000-connection scrape cost ~70 ms.
+    each time, which made a 1,000-connection scrape cost ~70 ms. Busy ones are polled too,
+    their answer not taken: which are busy is told at each asking, so the poll object serves
+    for as long as the pool keeps its connections, however they take turns.
 
     A connection past its keep-alive expiry is not dead: its socket stays open until httpcore
     closes it. HTTP/2 connections are never judged from outside: a live idle one also has
@@ -281,8 +282,8 @@ class IdleSockets:
         "_lock",
         "_no_socket",
         "_poller",
-        "_valid_until",
         "polled",
+        "unready",
     )
 
     _fds: list[int]
@@ -290,27 +291,22 @@ class IdleSockets:
     _poller: Callable[[], list[int]]
     _lock: threading.Lock
 
-    def __init__(self, idle: list[tuple[Any, str]], previous: IdleSockets | None = None) -> None:
+    def __init__(self, conns: list[tuple[Any, str]], previous: OpenSockets | None = None) -> None:
         """``previous``: the last ones of the same pools, whose poll object is used again
         when the same connections are polled on the same sockets (a busy pool's usual case)."""
-        now = time.monotonic()
         # Locals throughout: a scrape of 100 busy pools walks ~1,000 connections here.
-        by_fd: dict[int, int] = {}
+        by_fd: dict[int, Any] = {}
         no_socket: list[Any] = []
         filenos: list[Callable[[], int]] = []
-        valid_until = math.inf
+        unready = 0
         known = _FILENOS.get
-        for conn, version in idle:
+        for conn, version in conns:
             if version == "2":
                 continue
             inner = getattr(conn, "_connection", None)
             if inner is None:  # still connecting, or a proxy connection of another shape
+                unready += 1
                 continue
-            expire_at = getattr(inner, "_expire_at", None)
-            if expire_at is not None:
-                if now > expire_at:
-                    continue
-                valid_until = min(valid_until, expire_at)
             entry = known(id(inner))  # inline: a call per connection costs more
             if entry is not None and entry[0]() is inner:
                 fileno: Callable[[], int] | None = entry[1]
@@ -321,17 +317,16 @@ class IdleSockets:
                 continue
             fd = fileno()
             if fd >= 0:
-                by_fd[fd] = id(conn)
+                by_fd[fd] = conn
                 filenos.append(fileno)
         self._by_fd = by_fd
         self._no_socket = no_socket
         #: The polled sockets' own ``fileno``, in the order of ``_by_fd``.
         self._filenos = filenos
-        #: The earliest keep-alive expiry among the polled ones: past it, they are not all
-        #: to be judged any more.
-        self._valid_until = valid_until
         #: What the filenos returned (each turns -1 once its socket is closed).
         self._fds = list(by_fd)
+        #: HTTP/1.1 connections (or of no version yet) not connected: none of their own.
+        self.unready = unready
         if previous is not None and previous._by_fd == by_fd:
             # The same sockets under the same connections: a poll registers descriptors.
             self.polled = previous.polled
@@ -339,30 +334,40 @@ class IdleSockets:
             self._lock = previous._lock
             return
         #: The ids of the connections polled.
-        self.polled = set(by_fd.values())
+        self.polled = {id(conn) for conn in by_fd.values()}
         self._poller = _poller(by_fd)
         self._lock = threading.Lock()
-
-    def expired(self) -> bool:
-        """One of them passed its keep-alive expiry since: ask a new ``IdleSockets``."""
-        return time.monotonic() > self._valid_until
 
     def closed(self) -> bool:
         """One of the polled sockets was closed since (by httpcore, or behind its back)."""
         return [fileno() for fileno in self._filenos] != self._fds
 
-    def dead(self) -> set[int]:
-        """The ids of those the server closed."""
-        dead = {id(conn) for conn in self._no_socket if conn.has_expired()}
+    def dead(self, busy: Container[int] = ()) -> set[int]:
+        """The ids of the idle ones (those not ``busy``, by id) the server closed."""
+        now = time.monotonic()
+        dead = {
+            id(conn)
+            for conn in self._no_socket
+            if id(conn) not in busy and not _past_expiry(conn, now) and conn.has_expired()
+        }
         if self._by_fd:
             by_fd = self._by_fd
             with self._lock:  # a poll object takes one caller at a time
                 ready = self._poller()
-            dead.update(by_fd[fd] for fd in ready)
+            for fd in ready:  # most often none
+                conn = by_fd[fd]
+                if id(conn) not in busy and not _past_expiry(conn, now):
+                    dead.add(id(conn))
         return dead
 
 
-def _poller(fds: dict[int, int]) -> Callable[[], list[int]]:
+def _past_expiry(conn: Any, now: float) -> bool:
+    """An HTTP/1.1 connection past its keep-alive expiry (idle ones have one)."""
+    expire_at = getattr(getattr(conn, "_connection", None), "_expire_at", None)
+    return expire_at is not None and bool(now > expire_at)
+
+
+def _poller(fds: dict[int, Any]) -> Callable[[], list[int]]:
     """A call that returns which of ``fds`` have something to read (or hit EOF or an error),
     without waiting."""
     if hasattr(select, "poll"):
@@ -385,7 +390,7 @@ _FILENOS: dict[int, tuple[weakref.ref[Any], Callable[[], int]]] = {}
 
 def _fileno_of(inner: Any) -> Callable[[], int] | None:
     """The ``fileno`` of the socket behind an HTTP/1.1 connection (``None``: no socket),
-    looked up and kept in ``_FILENOS`` (``IdleSockets`` reads it there first); unwrapped
+    looked up and kept in ``_FILENOS`` (``OpenSockets`` reads it there first); unwrapped
     from asyncio's and trio's socket wrappers, whose ``fileno`` is a Python call, to the
     socket's own."""
     key = id(inner)
@@ -511,7 +516,7 @@ def inner_connection(conn: Any) -> Any | None:
 
 
 def forget_socket(conn: Any) -> None:
-    """Remove what ``IdleSockets`` kept on a connection."""
+    """Remove what ``OpenSockets`` kept on a connection."""
     inner = inner_connection(conn)
     if inner is not None:
         entry = _FILENOS.get(id(inner))

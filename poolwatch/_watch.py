@@ -5,10 +5,10 @@ from __future__ import annotations
 import weakref
 from operator import attrgetter
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeAlias, cast
 
 from . import _httpcore, _shells
-from ._core import NO_ERRORS, CoreSnapshot, OriginStats, PoolCore
+from ._core import NO_ERRORS, ConnRecord, CoreSnapshot, OriginStats, PoolCore
 from ._httpcore import Flavour
 from ._safety import report_internal_error
 from ._saturation import Pressure, SaturationCallback, SaturationMonitor
@@ -49,28 +49,47 @@ class _TransportPatch:
 
 
 _GROUP_ORDER = attrgetter("scheme", "address", "port", "state", "http_version")
+_NEW = attrgetter("requests_new")
+_REUSED = attrgetter("requests_reused")
+_CREATED = attrgetter("connections_created")
+_TIMEOUTS = attrgetter("timeouts")
+_ERRORS = attrgetter("errors")
 
 
-class _AtRest:
-    """The last snapshot of a client with nothing in flight, and how to tell it is still true.
+#: A group of open connections: (origin, state, protocol version).
+_GroupKey: TypeAlias = tuple[OriginStats, str, str]
+#: An open connection's id, and its groups when idle and when active.
+_Keys: TypeAlias = tuple[int, _GroupKey, _GroupKey]
 
-    The core's change count catches requests and the closes poolwatch sees; the connection
-    lists catch anything else that adds, drops or closes a connection (a path where
-    poolwatch's own bookkeeping failed); the poll catches the server closing an idle one.
-    Its connections alone may still be true when requests came and went since (a busy pool
-    at a scrape between its requests): no connection joined or left, none leaked, and every
-    one was settled (connected, its protocol known, watched); then only the core is read.
+
+class _Reading:
+    """The last full reading of a client's connections, and how to tell they are its
+    connections still.
+
+    The core's connection count catches the connections poolwatch sees join and leave; the
+    connection lists catch anything else that adds, drops or closes one (a path where
+    poolwatch's own bookkeeping failed); the sockets' poll catches the server closing an idle
+    one. While those stand, and no response leaked since, the connections are the same, and
+    only their states are read again: from the core's load, one look per request in flight,
+    and one poll per pool. ``table`` holds what that takes, once every open connection was
+    settled (connected, its protocol known, watched); else the next reading is a full one.
+
+    A reading of a client at rest is its whole snapshot for as long as the core's change
+    count stands (``at_rest_at``), once the poll shows no other idle connection closed.
     """
 
     __slots__ = (
         "_unpolled",
-        "changes",
+        "at_rest_at",
+        "base",
+        "busy",
         "connection_changes",
         "dead",
         "leaked",
-        "settled",
+        "opened",
         "snapshot",
         "sockets",
+        "table",
         "walked",
     )
 
@@ -78,26 +97,35 @@ class _AtRest:
         self,
         counts: tuple[int, int, int],
         walked: list[tuple[list[Any], list[Any]]],
-        sockets: _httpcore.IdleSockets,
-        dead: set[int],
+        sockets: _httpcore.OpenSockets,
         snapshot: PoolSnapshot,
-        settled: bool,
+        busy: set[int],
+        dead: set[int],
     ) -> None:
-        #: The core's change counts and leaked responses when it was read.
-        self.changes, self.connection_changes, self.leaked = counts
-        self.settled = settled
+        #: The core's connection changes and leaked responses when it was read.
+        _, self.connection_changes, self.leaked = counts
         #: Each pool's connections then, and the open ones among them.
         self.walked = walked
-        #: Per pool, the open ones whose socket is not polled (HTTP/2, busy or connecting
-        #: ones), found on the first check: a busy pool is never checked.
+        #: Per pool, the open ones whose socket is not polled (HTTP/2 ones), found on the
+        #: first check.
         self._unpolled: list[list[Any]] | None = None
-        self.sockets = sockets  # its idle connections' sockets, to ask again
-        self.dead = dead  # those of them the server had closed
+        self.sockets = sockets  # the open connections' sockets, to ask again
         self.snapshot = snapshot
+        #: The connections busy (by id) then, and the idle ones the server had closed.
+        self.busy = busy
+        self.dead = dead
+        #: The core's change count of which ``snapshot`` is the reading at rest.
+        self.at_rest_at: int | None = None
+        #: Each open connection's id and groups, by its record; ``None``: not all settled.
+        self.table: dict[ConnRecord, _Keys] | None = None
+        #: Every open connection counted in its idle group, and how many are open.
+        self.base: dict[_GroupKey, int] = {}
+        self.opened = 0
 
     def still_true(self, pools: list[_PoolPatch]) -> bool:
+        """No pool's connections changed, and none was closed, the server's closes aside."""
         sockets = self.sockets
-        if sockets.expired() or len(pools) != len(self.walked):
+        if len(pools) != len(self.walked):
             return False
         unpolled = self._unpolled
         if unpolled is None:
@@ -111,7 +139,7 @@ class _AtRest:
             for conn in conns:  # the polled ones' sockets say it themselves, below
                 if conn.is_closed():
                     return False
-        return not sockets.closed() and sockets.dead() == self.dead
+        return not sockets.closed()
 
 
 class ClientWatch:
@@ -136,12 +164,10 @@ class ClientWatch:
         self.on_saturation = on_saturation
         self._pools: list[_PoolPatch] = []
         self._transports: list[_TransportPatch] = []
-        self._at_rest: _AtRest | None = None
-        #: The idle sockets the last full reading polled (its poll object may serve again).
-        self._sockets: _httpcore.IdleSockets | None = None
-        self._last_groups: tuple[
-            dict[tuple[OriginStats, str, str], int], tuple[ConnectionGroup, ...]
-        ] = ({}, ())
+        self._reading: _Reading | None = None
+        #: The sockets the last full reading polled (its poll object may serve again).
+        self._sockets: _httpcore.OpenSockets | None = None
+        self._last_groups: tuple[dict[_GroupKey, int], tuple[ConnectionGroup, ...]] = ({}, ())
         for transport, pool in _httpcore.iter_pools(client, flavour):
             if pool is not None:
                 if not any(p.pool is pool for p in self._pools):
@@ -236,7 +262,7 @@ class ClientWatch:
             _httpcore.unpatch(t.transport, t.entry_name, t.previous)
         self._pools.clear()
         self._transports.clear()
-        self._at_rest = None
+        self._reading = None
         self._sockets = None
 
     @property
@@ -262,9 +288,7 @@ class ClientWatch:
             total += limit
         return total
 
-    def _connection_groups(
-        self, groups: dict[tuple[OriginStats, str, str], int]
-    ) -> tuple[ConnectionGroup, ...]:
+    def _connection_groups(self, groups: dict[_GroupKey, int]) -> tuple[ConnectionGroup, ...]:
         """The groups as the snapshot shows them; the last ones again while they are equal
         (a busy pool's connections change state, their groups seldom do)."""
         last_groups, last = self._last_groups
@@ -321,9 +345,9 @@ class ClientWatch:
         A client at rest is read once: while nothing is in flight and the core has not
         changed, the last snapshot is still true, once a poll shows the server closed none of
         its idle connections since (scrapes and OTel collections read every pool, most of
-        them quiet; the saturation sampler takes the lighter ``pressure()``). A client read
-        between its requests, its connections those of the last reading (see ``_AtRest``),
-        has only its core read again.
+        them quiet; the saturation sampler takes the lighter ``pressure()``). A client whose
+        connections are those of the last reading, busy or read between its requests, has
+        only their states and its core read again (see ``_Reading``).
         """
         core = self.core
         if core.deferred:
@@ -331,45 +355,81 @@ class ClientWatch:
         # Read before the pools: a change made while they are read shows as a change later.
         counts = (core.changes, core.connection_changes, core.leaked_count)
         at_rest = core.active == 0
-        rest = self._at_rest
-        if at_rest and rest is not None:
+        last = self._reading
+        if last is not None:
             try:
-                if rest.changes == counts[0]:
-                    if rest.still_true(self._pools):
-                        return rest.snapshot
-                elif (
-                    rest.settled
-                    and rest.connection_changes == counts[1]
-                    and rest.leaked == counts[2]
-                    and rest.still_true(self._pools)
-                ):
-                    last = rest.snapshot
-                    snap = self._with_core(
-                        core.snapshot(),
-                        last.active_connections,
-                        last.idle_connections,
-                        last.connecting_connections,
-                        last.connections,
-                        0,
-                    )
-                    rest.changes, rest.snapshot = counts[0], snap
-                    return snap
+                if last.still_true(self._pools):
+                    if (
+                        at_rest
+                        and last.at_rest_at == counts[0]
+                        and last.sockets.dead(last.busy) == last.dead
+                    ):
+                        return last.snapshot
+                    if (
+                        last.table is not None
+                        and last.connection_changes == counts[1]
+                        and last.leaked == counts[2]
+                    ):
+                        return self._read_states(last, counts[0], at_rest)
             except Exception:  # read in full below, which reports the failure
                 pass
+        return self._read_in_full(counts, at_rest)
+
+    def _read_states(self, reading: _Reading, changes: int, at_rest: bool) -> PoolSnapshot:
+        """The snapshot of connections known from ``reading``: each is active while a request
+        (or a leaked response) holds it, else idle, unless the server closed it. A few steps
+        per request in flight and one poll, however many connections the pools hold."""
+        core = self.core
+        load = core.connection_load()
+        quiet = core.changes == changes  # see _read_in_full
+        table = cast(dict[ConnRecord, _Keys], reading.table)
+        groups = reading.base.copy()
+        busy: set[int] = set()
+        for record in load:
+            keys = table.get(record)  # None: a closed connection's, still in a request's hands
+            if keys is not None:
+                conn_id, idle, active = keys
+                busy.add(conn_id)
+                groups[idle] -= 1
+                groups[active] = groups.get(active, 0) + 1
+        dead = reading.sockets.dead(busy)
+        if dead:
+            idle_groups = {conn_id: idle for conn_id, idle, _ in table.values()}
+            for conn_id in dead:
+                groups[idle_groups[conn_id]] -= 1
+        snap = self._with_core(
+            core.snapshot(),
+            len(busy),
+            reading.opened - len(busy) - len(dead),
+            0,
+            self._connection_groups({key: n for key, n in groups.items() if n}),
+            0,
+        )
+        reading.snapshot = snap
+        reading.busy = busy
+        reading.dead = dead
+        reading.at_rest_at = changes if at_rest and quiet else None
+        return snap
+
+    def _read_in_full(self, counts: tuple[int, int, int], at_rest: bool) -> PoolSnapshot:
+        """Walk every connection of every pool, and keep what that found for the next
+        readings (``_Reading``)."""
+        core = self.core
         walked: list[tuple[list[Any], list[Any]]] = []  # (connections, the open ones) by pool
         # Open connections by (origin, state, protocol version).
-        groups: dict[tuple[OriginStats, str, str], int] = {}
-        to_check: list[tuple[Any, str]] = []  # idle: alive unless the server closed them
-        idle_keys: dict[int, tuple[OriginStats, str, str]] = {}
+        groups: dict[_GroupKey, int] = {}
+        polled: list[tuple[Any, str]] = []  # the open ones, with their protocol versions
+        not_idle: set[int] = set()  # active and connecting ones, by id
+        idle_keys: dict[int, _GroupKey] = {}
+        table: dict[ConnRecord, _Keys] | None = {}
         conns = core.conns
         recorded = list(conns.items())  # before the walk: one opened during it is not judged
         matched = 0  # of the open connections listed, those with a record
-        opened = 0
         load = core.connection_load()
         # No request started since the counts were read (each start moves ``changes`` before
         # it can hold a connection): the load, and so each connection's state, is the one of
         # a client at rest. Else a request that came in between shows its connection active,
-        # and that is no reading to keep once it is over.
+        # and that is no reading of a client at rest.
         quiet = core.changes == counts[0]
         unreadable = 0
         for p in self._pools:
@@ -383,6 +443,7 @@ class ClientWatch:
                     still_open.append(conn)
                     record = conns.get(id(conn))
                     if record is None:  # its watch failed: read it from httpcore itself
+                        table = None
                         origin_key = _httpcore.connection_origin_key(conn)
                         if origin_key is None:
                             continue
@@ -395,25 +456,35 @@ class ClientWatch:
                         origin = record.origin
                         version = record.http_version or ""
                         is_idle = record not in load
-                        connecting = is_idle and not record.connected
+                        connecting = not record.connected
+                        if table is not None:
+                            if connecting or not version:
+                                table = None  # its groups are still to be known
+                            else:
+                                table[record] = (
+                                    id(conn),
+                                    (origin, "idle", version),
+                                    (origin, "active", version),
+                                )
+                        connecting = is_idle and connecting
                         if is_idle and not connecting and not version:
                             version = _httpcore.connection_http_version(conn) or ""
+                    polled.append((conn, version))
                     state = "connecting" if connecting else "idle" if is_idle else "active"
                     key = (origin, state, version)
                     if state == "idle":
-                        to_check.append((conn, version))
                         idle_keys[id(conn)] = key
                     else:
+                        not_idle.add(id(conn))
                         groups[key] = groups.get(key, 0) + 1
-                opened += len(still_open)
             except Exception as exc:
                 unreadable += 1
                 report_internal_error("pool read", exc)
-        sockets: _httpcore.IdleSockets | None = None
+        sockets: _httpcore.OpenSockets | None = None
         dead: set[int] = set()
         try:
-            sockets = _httpcore.IdleSockets(to_check, self._sockets)
-            dead = sockets.dead()
+            sockets = _httpcore.OpenSockets(polled, self._sockets)
+            dead = sockets.dead(not_idle)
             self._sockets = sockets
         except Exception as exc:  # not known: count them all, and read in full next time
             sockets = self._sockets = None
@@ -429,10 +500,8 @@ class ClientWatch:
             gone = [(key, record) for key, record in recorded if key not in open_ids]
             _shells.connections_gone(core, gone, self.hooks)
         by_state = {"active": 0, "idle": 0, "connecting": 0}
-        versionless = False
-        for (_o, state, version), n in groups.items():
+        for (_o, state, _v), n in groups.items():
             by_state[state] += n
-            versionless = versionless or not version
         snap = self._with_core(
             core.snapshot(),
             by_state["active"],
@@ -441,12 +510,17 @@ class ClientWatch:
             self._connection_groups(groups),
             unreadable,
         )
-        settled = quiet and matched == opened and not by_state["connecting"] and not versionless
-        self._at_rest = (
-            _AtRest(counts, walked, sockets, dead, snap, settled)
-            if at_rest and sockets is not None and not unreadable
-            else None
-        )
+        if sockets is None or unreadable:
+            self._reading = None
+            return snap
+        reading = self._reading = _Reading(counts, walked, sockets, snap, not_idle, dead)
+        if at_rest and quiet:
+            reading.at_rest_at = counts[0]
+        if table is not None and len(table) == len(polled) and not sockets.unready:
+            reading.table = table
+            for _, idle, _ in table.values():
+                reading.base[idle] = reading.base.get(idle, 0) + 1
+            reading.opened = len(table)
         return snap
 
     def _with_core(
@@ -460,16 +534,14 @@ class ClientWatch:
     ) -> PoolSnapshot:
         """The pool's snapshot: the core's reading, with its connections as read."""
         limit = self.max_connections()
-        requests = reused = created = timeouts = 0
+        origins = s.origins
+        # Summed in C: a scrape of 100 pools sums 500 origins here.
+        reused = sum(map(_REUSED, origins))
+        requests = sum(map(_NEW, origins)) + reused
         errors: dict[str, int] = {}
-        for o in s.origins:
-            requests += o.requests_new + o.requests_reused
-            reused += o.requests_reused
-            created += o.connections_created
-            timeouts += o.timeouts
-            if o.errors:
-                for error_type, n in o.errors.items():
-                    errors[error_type] = errors.get(error_type, 0) + n
+        for o in filter(_ERRORS, origins):
+            for error_type, n in o.errors.items():
+                errors[error_type] = errors.get(error_type, 0) + n
         return new_pool_snapshot(
             name=self.name,
             max_connections=limit,
@@ -480,8 +552,8 @@ class ClientWatch:
             utilization=(active / limit) if limit else 0.0,
             requests_total=requests,
             reused_requests_total=reused,
-            connections_created_total=created,
-            pool_timeouts_total=timeouts,
+            connections_created_total=sum(map(_CREATED, origins)),
+            pool_timeouts_total=sum(map(_TIMEOUTS, origins)),
             leaked_responses_total=s.leaked_responses,
             reuse_ratio=(reused / requests) if requests else None,
             connecting_connections=connecting,
@@ -489,7 +561,7 @@ class ClientWatch:
             active_max_age=s.active_max_age,
             errors=MappingProxyType(errors) if errors else NO_ERRORS,
             connections=connections,
-            origins=s.origins,
+            origins=origins,
             unreadable_pools=unreadable,
             connect_time=s.connect_time,
             tls_time=s.tls_time,

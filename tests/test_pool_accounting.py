@@ -875,7 +875,7 @@ async def test_a_reading_after_a_change_sees_the_server_close_idle_connections_i
         assert after.errors == {"ConnectError": 1}
 
 
-def test_the_same_idle_sockets_listed_in_another_order_are_not_taken_for_closed_ones(
+def test_the_same_sockets_listed_in_another_order_are_not_taken_for_closed_ones(
     hx: Any, loopback_server: LoopbackServer
 ) -> None:
     # The last reading's poll object serves the same sockets in any order; what each socket's
@@ -890,8 +890,8 @@ def test_the_same_idle_sockets_listed_in_another_order_are_not_taken_for_closed_
         for t in threads:
             t.join()
         a, b = client._transport._pool.connections
-        first = _httpcore.IdleSockets([(a, "1.1"), (b, "1.1")])
-        again = _httpcore.IdleSockets([(b, "1.1"), (a, "1.1")], first)
+        first = _httpcore.OpenSockets([(a, "1.1"), (b, "1.1")])
+        again = _httpcore.OpenSockets([(b, "1.1"), (a, "1.1")], first)
         assert again._poller is first._poller
         assert not first.closed()
         assert not again.closed()
@@ -968,13 +968,13 @@ def test_a_pool_read_between_its_requests_counts_each_one_on_the_connections_it_
         [watch] = [w for w in _api.watches() if w.name == "between-requests"]
         two_idle_connections_sync(client, loopback_server.url)
         first = poolwatch.snapshot(client)
-        rest = watch._at_rest
-        assert rest is not None
-        assert rest.settled
+        reading = watch._reading
+        assert reading is not None
+        assert reading.table is not None  # every connection settled
         for n in range(3, 6):
             client.get(f"{loopback_server.url}/ok")
             snap = poolwatch.snapshot(client)
-            assert watch._at_rest is rest  # the connections were not walked again
+            assert watch._reading is reading  # the connections were not walked again
             assert snap is not first
             assert snap.requests_total == n == loopback_server.stats.requests
             assert snap.reused_requests_total == n - 2
@@ -1117,3 +1117,77 @@ def test_an_idle_socket_closed_behind_poolwatchs_back_is_seen_even_when_its_numb
             for a, b in taken:
                 a.close()
                 b.close()
+
+
+def four_idle_connections_sync(client: Any, url: str) -> None:
+    """Four requests at once, from four threads: four connections, all idle after."""
+    with ThreadPool(4) as threads:
+        threads.map(lambda _: client.get(f"{url}/delay?ms=100"), range(4))
+
+
+def read_in_full(client: Any, watch: Any) -> poolwatch.PoolSnapshot:
+    """What a reading that walks every connection makes of the pool now (and keeps)."""
+    watch._reading = None
+    return poolwatch.snapshot(client)
+
+
+def test_a_busy_pool_read_again_shows_each_connection_as_the_server_and_httpcore_do(
+    hx: Any, loopback_server: LoopbackServer
+) -> None:
+    # Its connections stay, requests take turns on them: each reading reads their states
+    # again without walking them, and says what a full walk, httpcore and the server say.
+    url = f"{loopback_server.url}/ok"
+    with hx.Client(limits=hx.Limits(max_connections=4)) as client:
+        poolwatch.instrument(client, name="busy-read-again")
+        [watch] = [w for w in _api.watches() if w.name == "busy-read-again"]
+        four_idle_connections_sync(client, loopback_server.url)
+        read_in_full(client, watch)
+        held: list[Any] = []
+        for busy in (1, 3, 0, 4, 2, 1, 0):
+            while len(held) > busy:
+                done = held.pop()
+                done.read()  # unread, its connection would be closed, not given back
+                done.close()
+            while len(held) < busy:
+                held.append(client.send(client.build_request("GET", url), stream=True))
+            reading = watch._reading
+            snap = poolwatch.snapshot(client)
+            assert watch._reading is reading is not None  # not walked again
+            assert snap.active_connections == busy == httpcore_view(client).busy
+            assert snap.idle_connections == 4 - busy == httpcore_view(client).idle
+            assert loopback_server.stats.open_connections == 4
+            assert snap.requests_total == loopback_server.stats.requests
+            full = read_in_full(client, watch)
+            assert (full.active_connections, full.idle_connections, full.connections) == (
+                snap.active_connections,
+                snap.idle_connections,
+                snap.connections,
+            )
+        assert loopback_server.stats.accepted_connections == 4
+
+
+def test_a_busy_pool_read_again_sees_the_server_close_its_idle_connection(
+    hx: Any, loopback_server_factory: Any
+) -> None:
+    server: LoopbackServer = loopback_server_factory(idle_timeout=1.0)
+    with hx.Client() as client:
+        poolwatch.instrument(client, name="busy-server-closes")
+        [watch] = [w for w in _api.watches() if w.name == "busy-server-closes"]
+        two_idle_connections_sync(client, server.url)
+        poolwatch.snapshot(client)
+        reading = watch._reading
+        # One connection busy for 2 s (the server sends all along), the other idle: the
+        # server closes that one after its idle second.
+        held = client.send(
+            client.build_request("GET", f"{server.url}/stream?chunks=2&delay=2"), stream=True
+        )
+        snap = poolwatch.snapshot(client)
+        assert (snap.active_connections, snap.idle_connections) == (1, 1)
+        wait_until(lambda: server.stats.open_connections == 1, what="the server's close")
+        snap = poolwatch.snapshot(client)
+        assert watch._reading is reading  # its states read again, not walked
+        assert (snap.active_connections, snap.idle_connections) == (1, 0)
+        assert httpcore_view(client).idle == 1  # httpcore has not noticed yet
+        assert read_in_full(client, watch).connections == snap.connections
+        held.read()
+        held.close()
