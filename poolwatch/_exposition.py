@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import threading
 from bisect import bisect_right
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import accumulate, chain
 from operator import attrgetter
 from typing import Any
@@ -39,6 +39,7 @@ from ._samples import (
     error_samples,
     open_connection_counts,
     open_connection_labels,
+    open_connection_zeros,
     origin_labels,
     origin_values,
     pool_histograms,
@@ -106,6 +107,7 @@ class _PoolText:
         "open_text",
         "origins",
         "pool",
+        "scalar_lines",
         "scalars",
         "scalars_of",
         "text",
@@ -118,7 +120,9 @@ class _PoolText:
         #: from: a busy pool's are most often the same again at the next scrape (nothing
         #: waiting, nothing in flight, the same limit), so they are written only when moved.
         self.scalars: list[tuple[int, bytes]] = []
-        self.scalars_of: tuple[Any, ...] | None = None
+        self.scalars_of: tuple[Any, ...] = _UNWRITTEN
+        #: Each one's line, aligned with ``POOL_SERIES`` (``None``: no line).
+        self.scalar_lines: list[tuple[int, bytes] | None] = [None] * len(POOL_SERIES)
         #: The failed-requests series, by labels.
         self.errors: dict[tuple[str, ...], _Series] = {}
         #: The per-origin series of the origins of the last snapshot.
@@ -144,8 +148,7 @@ class _PoolText:
         by_family: list[list[bytes]] = [[] for _ in CATALOGUE]
         values = pool_values(snap)
         if values != self.scalars_of:
-            self.scalars = self._pool_scalars(snap.name, values)
-            self.scalars_of = values
+            self._pool_scalars(snap.name, values)
         for family, line in self.scalars:
             by_family[family].append(line)
         pool = self.pool
@@ -158,11 +161,13 @@ class _PoolText:
         # What the per-origin lines are written from besides the values: each origin's key
         # and protocol versions (which zero lines of open connections it has).
         shape = tuple(map(_ORIGIN_SHAPE, origins))
+        zeros: dict[OpenConnectionKey, int] = {}
         if origins:
             # The per-origin bulk of the page: a few C calls per family, whatever the origins.
             table = self.origins
             if table is None or table.shape != shape:
                 table = self.origins = _OriginTable(snap.name, origins, shape)
+            zeros = table.zeros
             table.write(by_family, origins)
             errors = self.errors
             written = 0
@@ -178,7 +183,7 @@ class _PoolText:
                 self.errors = {}
         made_of = self.open_made_of
         if snap.connections is not made_of[0] or shape != made_of[1]:
-            self.open_text = self._open_connections(snap)
+            self.open_text = self._open_connections(snap, zeros)
             self.open_made_of = (snap.connections, shape)
         if self.open_text:
             by_family[_OPEN_CONNECTIONS].append(self.open_text)
@@ -189,22 +194,29 @@ class _PoolText:
         self.last = snap
         return self.text
 
-    def _pool_scalars(self, name: str, values: tuple[Any, ...]) -> list[tuple[int, bytes]]:
-        """The lines of the pool-wide numbers, by family (none for a limit of ``None``)."""
+    def _pool_scalars(self, name: str, values: tuple[Any, ...]) -> None:
+        """Write again the lines of the pool-wide numbers that moved (a busy pool's are most
+        often the age of its oldest request alone); a limit of ``None`` has no line."""
         pool = self.pool
-        out: list[tuple[int, bytes]] = []
-        for (spec, _), value in zip(POOL_SERIES, values, strict=True):
+        lines = self.scalar_lines
+        for i, ((spec, _), value, was) in enumerate(
+            zip(POOL_SERIES, values, self.scalars_of, strict=True)
+        ):
+            if value == was:
+                continue
             if value is None:
+                lines[i] = None
                 continue
             one = pool.get(spec)
             if one is None:
                 one = pool[spec] = _Series(spec, (name,))
-            out.append((one.family, one.number(value)))
-        return out
+            lines[i] = (one.family, one.number(value))
+        self.scalars = [line for line in lines if line is not None]
+        self.scalars_of = values
 
-    def _open_connections(self, snap: PoolSnapshot) -> bytes:
+    def _open_connections(self, snap: PoolSnapshot, zeros: dict[OpenConnectionKey, int]) -> bytes:
         """The open-connections lines, one format for all of them."""
-        counts = open_connection_counts(snap)
+        counts = open_connection_counts(snap, zeros)
         keys = tuple(counts)
         if keys != self.open_keys:
             self.open_template = b"".join(
@@ -225,12 +237,14 @@ class _OriginTable:
     versions) change.
     """
 
-    __slots__ = ("histograms", "scalars", "shape")
+    __slots__ = ("histograms", "scalars", "shape", "zeros")
 
     def __init__(
-        self, pool_name: str, origins: Iterable[OriginSnapshot], shape: tuple[object, ...]
+        self, pool_name: str, origins: Sequence[OriginSnapshot], shape: tuple[object, ...]
     ) -> None:
         self.shape = shape
+        #: The open-connections series these origins always have, at zero.
+        self.zeros = open_connection_zeros(origins)
         labels = [origin_labels(pool_name, o) for o in origins]
         #: (family index, the columns of its values, the lines of every origin as a format).
         self.scalars: list[tuple[int, tuple[int, ...], bytes]] = []
@@ -257,10 +271,8 @@ class _OriginTable:
             else:  # several series per origin (reused or not): the origin's, in turn
                 values = tuple(chain.from_iterable(zip(*(columns[i] for i in which), strict=True)))
             by_family[family].append(template % values)
-        for column, series in self.histograms:
-            pieces = by_family[series[0].family]
-            for one, h in zip(series, columns[column], strict=True):
-                pieces.append(one.histogram(h))
+        for column, series in self.histograms:  # each origin's block, in C's loop
+            by_family[series[0].family].extend(map(_Series.histogram, series, columns[column]))
 
 
 class _Series:
@@ -311,10 +323,15 @@ class _Series:
         last = self.last
         if last is not None and (last is h or (last.count == h.count and last.sum == h.sum)):
             return self.last_text
+        total = h.sum
+        if type(total) is float and total - total == 0.0:  # finite: inline, a frame less
+            total_text = repr(total).encode()
+        else:
+            total_text = _number(total)
         if h.bounds is self.bounds or h.bounds == self.bounds:
-            text = self.block % (*accumulate(h.counts), h.count, _number(h.sum))
+            text = self.block % (*accumulate(h.counts), h.count, total_text)
         else:  # bounds of its own (a snapshot made by hand): what is known below each
-            text = self.block % (*_rebucketed(h, self.bounds), h.count, _number(h.sum))
+            text = self.block % (*_rebucketed(h, self.bounds), h.count, total_text)
         self.last = h
         self.last_text = text
         return text
@@ -360,6 +377,8 @@ def _headers(spec: MetricSpec) -> tuple[bytes, bytes]:
 
 
 _HEADERS = {spec: _headers(spec) for spec in CATALOGUE}
+#: Pool-wide values no pool has: every line is written the first time.
+_UNWRITTEN = tuple(object() for _ in POOL_SERIES)
 #: Error series a pool's text may keep beyond twice what its snapshot has.
 _SPARE_ERRORS = 64
 _FAMILY_INDEX = {spec: i for i, spec in enumerate(CATALOGUE)}

@@ -9,7 +9,7 @@ making a tuple per sample, the bulk of a scrape's work when every origin moved.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from operator import attrgetter
 from typing import Any, TypeAlias
 
@@ -146,15 +146,24 @@ def open_connection_labels(pool_name: str, key: OpenConnectionKey) -> tuple[str,
     return (pool_name, address, str(port), scheme, state, version)
 
 
-def open_connection_counts(snap: PoolSnapshot) -> dict[OpenConnectionKey, int]:
-    """Open connections by origin, state and protocol version: zeros first, for every origin's
-    states and versions seen (so a series that empties reads 0, never vanishes), in the
-    origins' order, then any other the pool has (connections with no version yet)."""
-    counts: dict[OpenConnectionKey, int] = {}
-    for o in snap.origins:
+def open_connection_zeros(origins: Iterable[OriginSnapshot]) -> dict[OpenConnectionKey, int]:
+    """A zero for every origin's states and versions seen (so a series that empties reads 0,
+    never vanishes), in the origins' order."""
+    zeros: dict[OpenConnectionKey, int] = {}
+    for o in origins:
         for version in o.http_versions or ("1.1",):
-            counts[o.address, o.port, o.scheme, "active", version] = 0
-            counts[o.address, o.port, o.scheme, "idle", version] = 0
+            zeros[o.address, o.port, o.scheme, "active", version] = 0
+            zeros[o.address, o.port, o.scheme, "idle", version] = 0
+    return zeros
+
+
+def open_connection_counts(
+    snap: PoolSnapshot, zeros: dict[OpenConnectionKey, int] | None = None
+) -> dict[OpenConnectionKey, int]:
+    """Open connections by origin, state and protocol version: the zeros of its origins
+    first (``zeros``: made before for origins of the same shape), then any other the pool
+    has (connections with no version yet)."""
+    counts = open_connection_zeros(snap.origins) if zeros is None else zeros.copy()
     for g in snap.connections:
         if g.state in ("active", "idle"):
             key = (g.address, g.port, g.scheme, g.state, g.http_version)
