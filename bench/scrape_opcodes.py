@@ -6,12 +6,14 @@ same every run, so it tells whether a change to the read or the writer cut anyth
 poolwatch's frames and the httpcore methods they call (C work, such as formatting numbers, is
 not in it). The scrape reads every pool and writes the page (``Exposition.render`` of every
 snapshot) after traffic reached every origin of every pool; ``--busy`` holds a response open in
-every pool while it reads them (the worst case: every connection walked again).
+every pool while it reads them; ``--churn`` (with ``--busy``) has each pool close a connection
+and open another since the last scrape, so every pool's connections are walked again (the
+worst case).
 
 Start ``bench/server.py`` bound to five loopback addresses on one port, then::
 
     python bench/server.py --port 8931 --host 127.0.0.1 ... --host 127.0.0.5 &
-    python bench/scrape_opcodes.py --port 8931 [--family httpx2] [--busy]
+    python bench/scrape_opcodes.py --port 8931 [--family httpx2] [--busy [--churn]]
 """
 
 from __future__ import annotations
@@ -75,14 +77,20 @@ async def run(args: argparse.Namespace) -> None:
 
     # Warm up: the pools settle on their connections (the first rounds open and close some),
     # and each pool's text exists, as on a server scraped for a while.
+    async def hold() -> list[Any]:
+        return [await c.send(c.build_request("GET", urls[0]), stream=True) for c in clients]
+
     await traffic(10)
     for _ in range(2):
         await traffic(1)
+        held = await hold() if args.busy else []
         exposition.render(list(every_snapshot("bench")))
+        for response in held:
+            if not args.churn:
+                await response.aread()  # else closed unread: httpcore closes its connection
+            await response.aclose()
     await traffic(1)
-    held = []
-    if args.busy:
-        held = [await c.send(c.build_request("GET", urls[0]), stream=True) for c in clients]
+    held = await hold() if args.busy else []
     gc.collect()
     by_function: Counts = collections.Counter()
     by_line: Counts = collections.Counter()
@@ -97,6 +105,8 @@ async def run(args: argparse.Namespace) -> None:
         await client.aclose()
     total = sum(by_function.values())
     kind = "busy (a request in flight in each pool)" if args.busy else "all moved, between requests"
+    if args.churn:
+        kind += ", a connection replaced in each pool since the last scrape"
     print(
         f"{args.family}, {args.pools} pools x {len(urls)} origins, {kind}: "
         f"{total:,} bytecodes for one scrape ({len(page):,} bytes)"
@@ -114,6 +124,11 @@ def main() -> None:
     parser.add_argument("--family", choices=["httpx", "httpx2"], default="httpx")
     parser.add_argument("--pools", type=int, default=100)
     parser.add_argument("--busy", action="store_true", help="a request in flight in each pool")
+    parser.add_argument(
+        "--churn",
+        action="store_true",
+        help="with --busy: each pool closed a connection and opened another since the last scrape",
+    )
     parser.add_argument("--top", type=int, default=25, help="functions and lines to list")
     args = parser.parse_args()
     logging.disable(logging.WARNING)  # the saturation warnings of the traffic bursts

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import weakref
-from operator import attrgetter
+from collections import Counter
+from operator import attrgetter, itemgetter
 from types import MappingProxyType
 from typing import Any, TypeAlias, cast
 
@@ -54,6 +55,7 @@ _REUSED = attrgetter("requests_reused")
 _CREATED = attrgetter("connections_created")
 _TIMEOUTS = attrgetter("timeouts")
 _ERRORS = attrgetter("errors")
+_IDLE_GROUP = itemgetter(1)
 
 
 #: A group of open connections: (origin, state, protocol version).
@@ -127,16 +129,17 @@ class _Reading:
         sockets = self.sockets
         if len(pools) != len(self.walked):
             return False
+        for p, (listed, _) in zip(pools, self.walked, strict=True):
+            if _httpcore.connections(p.pool) != listed:  # by identity: connections have no __eq__
+                return False
         unpolled = self._unpolled
         if unpolled is None:
             polled = sockets.polled
             unpolled = self._unpolled = [
                 [c for c in still_open if id(c) not in polled] for _, still_open in self.walked
             ]
-        for p, (listed, _), conns in zip(pools, self.walked, unpolled, strict=True):
-            if _httpcore.connections(p.pool) != listed:  # by identity: connections have no __eq__
-                return False
-            for conn in conns:  # the polled ones' sockets say it themselves, below
+        for conns in unpolled:  # the polled ones' sockets say it themselves, below
+            for conn in conns:
                 if conn.is_closed():
                     return False
         return not sockets.closed()
@@ -472,11 +475,11 @@ class ClientWatch:
                     polled.append((conn, version))
                     state = "connecting" if connecting else "idle" if is_idle else "active"
                     key = (origin, state, version)
+                    groups[key] = groups.get(key, 0) + 1
                     if state == "idle":
-                        idle_keys[id(conn)] = key
+                        idle_keys[id(conn)] = key  # unless the server closed it, below
                     else:
                         not_idle.add(id(conn))
-                        groups[key] = groups.get(key, 0) + 1
             except Exception as exc:
                 unreadable += 1
                 report_internal_error("pool read", exc)
@@ -489,9 +492,10 @@ class ClientWatch:
         except Exception as exc:  # not known: count them all, and read in full next time
             sockets = self._sockets = None
             report_internal_error("pool read", exc)
-        for conn_id, key in idle_keys.items():
-            if conn_id not in dead:  # closed by the server; httpcore has not noticed yet
-                groups[key] = groups.get(key, 0) + 1
+        if dead:  # closed by the server; httpcore has not noticed yet
+            for conn_id in dead:
+                groups[idle_keys[conn_id]] -= 1
+            groups = {key: n for key, n in groups.items() if n}
         if matched < len(recorded) and not unreadable:
             # Records of connections no pool lists open any more, whose close no hook saw
             # (closed by a direct call, or an HTTP/2 connection that read a GOAWAY while
@@ -518,8 +522,7 @@ class ClientWatch:
             reading.at_rest_at = counts[0]
         if table is not None and len(table) == len(polled) and not sockets.unready:
             reading.table = table
-            for _, idle, _ in table.values():
-                reading.base[idle] = reading.base.get(idle, 0) + 1
+            reading.base = dict(Counter(map(_IDLE_GROUP, table.values())))  # counted in C
             reading.opened = len(table)
         return snap
 
