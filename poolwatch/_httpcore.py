@@ -255,8 +255,8 @@ def is_connection_idle(conn: Any) -> bool:
 
 
 class OpenSockets:
-    """The sockets of the open HTTP/1.1 connections among ``(connection, http_version)``
-    pairs, ready to be asked, all at once and as often as needed, which idle ones the server
+    """The sockets of open HTTP/1.1 connections (or of none known yet), ready to be asked,
+    all at once and as often as needed, which idle ones the server
     already closed (their socket turned readable: EOF), which httpcore notices only on its
     next pool pass (its own ``has_expired`` rule).
 
@@ -291,7 +291,7 @@ class OpenSockets:
     _poller: Callable[[], list[int]]
     _lock: threading.Lock
 
-    def __init__(self, conns: list[tuple[Any, str]], previous: OpenSockets | None = None) -> None:
+    def __init__(self, conns: list[Any], previous: OpenSockets | None = None) -> None:
         """``previous``: the last ones of the same pools, whose poll object is used again
         when the same connections are polled on the same sockets (a busy pool's usual case)."""
         # Locals throughout: a scrape of 100 busy pools walks ~1,000 connections here.
@@ -300,9 +300,7 @@ class OpenSockets:
         filenos: list[Callable[[], int]] = []
         unready = 0
         known = _FILENOS.get
-        for conn, version in conns:
-            if version == "2":
-                continue
+        for conn in conns:
             inner = getattr(conn, "_connection", None)
             if inner is None:  # still connecting, or a proxy connection of another shape
                 unready += 1

@@ -55,13 +55,13 @@ _REUSED = attrgetter("requests_reused")
 _CREATED = attrgetter("connections_created")
 _TIMEOUTS = attrgetter("timeouts")
 _ERRORS = attrgetter("errors")
-_IDLE_GROUP = itemgetter(1)
+_IDLE_GROUP = itemgetter(0)
 
 
 #: A group of open connections: (origin, state, protocol version).
 _GroupKey: TypeAlias = tuple[OriginStats, str, str]
-#: An open connection's id, and its groups when idle and when active.
-_Keys: TypeAlias = tuple[int, _GroupKey, _GroupKey]
+#: An origin's groups of one protocol version: idle, active, connecting.
+_Groups: TypeAlias = tuple[_GroupKey, _GroupKey, _GroupKey]
 
 
 class _Reading:
@@ -73,8 +73,9 @@ class _Reading:
     poolwatch's own bookkeeping failed); the sockets' poll catches the server closing an idle
     one. While those stand, and no response leaked since, the connections are the same, and
     only their states are read again: from the core's load, one look per request in flight,
-    and one poll per pool. ``table`` holds what that takes, once every open connection was
-    settled (connected, its protocol known, watched); else the next reading is a full one.
+    and one poll per pool. ``table`` and ``groups`` hold what that takes, once every open
+    connection was settled (connected, its protocol known, watched); else the next reading is
+    a full one.
 
     A reading of a client at rest is its whole snapshot for as long as the core's change
     count stands (``at_rest_at``), once the poll shows no other idle connection closed.
@@ -87,6 +88,7 @@ class _Reading:
         "busy",
         "connection_changes",
         "dead",
+        "groups",
         "leaked",
         "opened",
         "snapshot",
@@ -118,8 +120,10 @@ class _Reading:
         self.dead = dead
         #: The core's change count of which ``snapshot`` is the reading at rest.
         self.at_rest_at: int | None = None
-        #: Each open connection's id and groups, by its record; ``None``: not all settled.
-        self.table: dict[ConnRecord, _Keys] | None = None
+        #: Each open connection's id, by its record; ``None``: not all settled.
+        self.table: dict[ConnRecord, int] | None = None
+        #: Each open connection's groups, by its record.
+        self.groups: dict[ConnRecord, _Groups] = {}
         #: Every open connection counted in its idle group, and how many are open.
         self.base: dict[_GroupKey, int] = {}
         self.opened = 0
@@ -168,6 +172,9 @@ class ClientWatch:
         self._pools: list[_PoolPatch] = []
         self._transports: list[_TransportPatch] = []
         self._reading: _Reading | None = None
+        #: Each origin's groups, by protocol version: made once, so a reading makes no tuple
+        #: per connection (each one counts toward the next young garbage collection).
+        self._group_keys: dict[OriginStats, dict[str, _Groups]] = {}
         #: The sockets the last full reading polled (its poll object may serve again).
         self._sockets: _httpcore.OpenSockets | None = None
         self._last_groups: tuple[dict[_GroupKey, int], tuple[ConnectionGroup, ...]] = ({}, ())
@@ -385,19 +392,20 @@ class ClientWatch:
         core = self.core
         load = core.connection_load()
         quiet = core.changes == changes  # see _read_in_full
-        table = cast(dict[ConnRecord, _Keys], reading.table)
+        table = cast(dict[ConnRecord, int], reading.table)
+        by_record = reading.groups
         groups = reading.base.copy()
         busy: set[int] = set()
         for record in load:
-            keys = table.get(record)  # None: a closed connection's, still in a request's hands
-            if keys is not None:
-                conn_id, idle, active = keys
+            conn_id = table.get(record)  # None: a closed one's, still in a request's hands
+            if conn_id is not None:
                 busy.add(conn_id)
+                idle, active, _ = by_record[record]
                 groups[idle] -= 1
                 groups[active] = groups.get(active, 0) + 1
         dead = reading.sockets.dead(busy)
         if dead:
-            idle_groups = {conn_id: idle for conn_id, idle, _ in table.values()}
+            idle_groups = {conn_id: by_record[record][0] for record, conn_id in table.items()}
             for conn_id in dead:
                 groups[idle_groups[conn_id]] -= 1
         snap = self._with_core(
@@ -421,10 +429,13 @@ class ClientWatch:
         walked: list[tuple[list[Any], list[Any]]] = []  # (connections, the open ones) by pool
         # Open connections by (origin, state, protocol version).
         groups: dict[_GroupKey, int] = {}
-        polled: list[tuple[Any, str]] = []  # the open ones, with their protocol versions
+        polled: list[Any] = []  # the open ones but HTTP/2 ones
+        opened = 0
         not_idle: set[int] = set()  # active and connecting ones, by id
         idle_keys: dict[int, _GroupKey] = {}
-        table: dict[ConnRecord, _Keys] | None = {}
+        table: dict[ConnRecord, int] | None = {}
+        by_record: dict[ConnRecord, _Groups] = {}
+        group_keys = self._group_keys
         conns = core.conns
         recorded = list(conns.items())  # before the walk: one opened during it is not judged
         matched = 0  # of the open connections listed, those with a record
@@ -460,26 +471,31 @@ class ClientWatch:
                         version = record.http_version or ""
                         is_idle = record not in load
                         connecting = not record.connected
-                        if table is not None:
-                            if connecting or not version:
-                                table = None  # its groups are still to be known
-                            else:
-                                table[record] = (
-                                    id(conn),
-                                    (origin, "idle", version),
-                                    (origin, "active", version),
-                                )
+                        if table is not None and (connecting or not version):
+                            table = None  # its groups are still to be known
                         connecting = is_idle and connecting
                         if is_idle and not connecting and not version:
                             version = _httpcore.connection_http_version(conn) or ""
-                    polled.append((conn, version))
-                    state = "connecting" if connecting else "idle" if is_idle else "active"
-                    key = (origin, state, version)
-                    groups[key] = groups.get(key, 0) + 1
-                    if state == "idle":
+                    if version != "2":
+                        polled.append(conn)
+                    versions = group_keys.get(origin)
+                    keys = versions.get(version) if versions is not None else None
+                    if keys is None:
+                        keys = self._new_group_keys(origin, version)
+                    if table is not None and record is not None:
+                        table[record] = id(conn)
+                        by_record[record] = keys
+                    if connecting:
+                        key = keys[2]
+                        not_idle.add(id(conn))
+                    elif is_idle:
+                        key = keys[0]
                         idle_keys[id(conn)] = key  # unless the server closed it, below
                     else:
+                        key = keys[1]
                         not_idle.add(id(conn))
+                    groups[key] = groups.get(key, 0) + 1
+                opened += len(still_open)
             except Exception as exc:
                 unreadable += 1
                 report_internal_error("pool read", exc)
@@ -520,11 +536,22 @@ class ClientWatch:
         reading = self._reading = _Reading(counts, walked, sockets, snap, not_idle, dead)
         if at_rest and quiet:
             reading.at_rest_at = counts[0]
-        if table is not None and len(table) == len(polled) and not sockets.unready:
+        if table is not None and len(table) == opened and not sockets.unready:
             reading.table = table
-            reading.base = dict(Counter(map(_IDLE_GROUP, table.values())))  # counted in C
-            reading.opened = len(table)
+            reading.groups = by_record
+            reading.base = dict(Counter(map(_IDLE_GROUP, by_record.values())))  # counted in C
+            reading.opened = opened
         return snap
+
+    def _new_group_keys(self, origin: OriginStats, version: str) -> _Groups:
+        """An origin's groups of one protocol version, made once (``_group_keys``)."""
+        keys = (
+            (origin, "idle", version),
+            (origin, "active", version),
+            (origin, "connecting", version),
+        )
+        self._group_keys.setdefault(origin, {})[version] = keys
+        return keys
 
     def _with_core(
         self,

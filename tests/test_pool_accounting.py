@@ -890,8 +890,8 @@ def test_the_same_sockets_listed_in_another_order_are_not_taken_for_closed_ones(
         for t in threads:
             t.join()
         a, b = client._transport._pool.connections
-        first = _httpcore.OpenSockets([(a, "1.1"), (b, "1.1")])
-        again = _httpcore.OpenSockets([(b, "1.1"), (a, "1.1")], first)
+        first = _httpcore.OpenSockets([a, b])
+        again = _httpcore.OpenSockets([b, a], first)
         assert again._poller is first._poller
         assert not first.closed()
         assert not again.closed()
