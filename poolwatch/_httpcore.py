@@ -256,9 +256,9 @@ def is_connection_idle(conn: Any) -> bool:
 
 class OpenSockets:
     """The sockets of open HTTP/1.1 connections (or of none known yet), ready to be asked,
-    all at once and as often as needed, which idle ones the server
-    already closed (their socket turned readable: EOF), which httpcore notices only on its
-    next pool pass (its own ``has_expired`` rule).
+    all at once and as often as needed, which idle ones the server already closed (their
+    socket turned readable: EOF), which httpcore notices only on its next pool pass (its own
+    ``has_expired`` rule).
 
     One ``poll()`` for all of them, on sockets looked up once per connection: httpcore's own
     check asks anyio for every extra attribute of the stream (a ``getpeername()`` included)

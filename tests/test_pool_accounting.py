@@ -35,10 +35,15 @@ async def two_idle_connections(client: Any, url: str) -> None:
             tg.start_soon(client.get, f"{url}/delay?ms=100")
 
 
+def idle_connections_sync(client: Any, url: str, n: int) -> None:
+    """``n`` requests at once, from ``n`` threads: ``n`` connections, all idle after."""
+    with ThreadPool(n) as threads:
+        threads.map(lambda _: client.get(f"{url}/delay?ms=100"), range(n))
+
+
 def two_idle_connections_sync(client: Any, url: str) -> None:
     """``two_idle_connections`` for a sync client, from two threads."""
-    with ThreadPool(2) as threads:
-        threads.map(lambda _: client.get(f"{url}/delay?ms=100"), range(2))
+    idle_connections_sync(client, url, 2)
 
 
 def assert_at_rest(snap: poolwatch.PoolSnapshot) -> None:
@@ -1119,12 +1124,6 @@ def test_an_idle_socket_closed_behind_poolwatchs_back_is_seen_even_when_its_numb
                 b.close()
 
 
-def four_idle_connections_sync(client: Any, url: str) -> None:
-    """Four requests at once, from four threads: four connections, all idle after."""
-    with ThreadPool(4) as threads:
-        threads.map(lambda _: client.get(f"{url}/delay?ms=100"), range(4))
-
-
 def read_in_full(client: Any, watch: Any) -> poolwatch.PoolSnapshot:
     """What a reading that walks every connection makes of the pool now (and keeps)."""
     watch._reading = None
@@ -1140,7 +1139,7 @@ def test_a_busy_pool_read_again_shows_each_connection_as_the_server_and_httpcore
     with hx.Client(limits=hx.Limits(max_connections=4)) as client:
         poolwatch.instrument(client, name="busy-read-again")
         [watch] = [w for w in _api.watches() if w.name == "busy-read-again"]
-        four_idle_connections_sync(client, loopback_server.url)
+        idle_connections_sync(client, loopback_server.url, 4)
         read_in_full(client, watch)
         held: list[Any] = []
         for busy in (1, 3, 0, 4, 2, 1, 0):
